@@ -1,0 +1,105 @@
+"""Names shared by the DAGs, the plugin, the CLI and ``airflow_settings.yaml``, and the tuning settings.
+
+Every connection id, pool name and Variable name lives here once; ``airflow_settings.yaml`` mirrors
+them and ``tests/dag_validation`` checks that the two agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+DAG_ID = "notification_batch"
+HOUSEKEEPING_DAG_ID = "notification_housekeeping"
+
+POSTGRES_CONN_ID = "notifications_db"
+REDIS_CONN_ID = "notifications_redis"
+
+POOL_NORMAL = "notifications"
+POOL_URGENT = "urgent_notifications"
+QUEUE_URGENT = "urgent"
+
+#: The project root (``herald`` is installed editable from it) and its SQL folder.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SQL_DIR = Path(os.environ.get("HERALD_SQL_DIR", PROJECT_ROOT / "include" / "sql"))
+
+#: Prefix of every metric the pipeline emits (``herald.notifications.delivered`` ...).
+METRICS_PREFIX = "herald"
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Tuning knobs. Each field is an Airflow Variable ``herald_<field>`` (see ``airflow_settings.yaml``)."""
+
+    #: Normal notifications a user may receive in any sliding window (digests included).
+    rate_limit: int = 20
+    rate_window_seconds: int = 3600
+    #: Upper bound of recipients (estimated at claim time) in one mapped batch.
+    batch_size: int = 10_000
+    #: Upper bound of triggers one DAG run claims; the next run takes the rest.
+    max_triggers_per_run: int = 20_000
+    #: Upper bound of mapped batches per run, kept well under ``[core] max_map_length`` (1024).
+    max_batches_per_run: int = 256
+    #: How long a claim holds before another run may take the trigger over.
+    claim_lease_seconds: int = 900
+    #: A trigger claimed this many times without finishing is failed ("poison" protection).
+    max_attempts: int = 5
+    preferences_ttl_seconds: int = 300
+    favorites_ttl_seconds: int = 180
+    #: Redis key prefix; the version part changes whenever the cached value format does.
+    cache_namespace: str = "herald:v1"
+    #: Outcome and run records older than this are removed by housekeeping.
+    retention_days: int = 30
+
+    @classmethod
+    def variable_name(cls, field: str) -> str:
+        return f"herald_{field}"
+
+    @classmethod
+    def from_lookup(cls, lookup: Callable[[str], Any | None]) -> Settings:
+        """Build settings from a ``name -> value or None`` lookup (Airflow Variables, environment)."""
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            raw = lookup(cls.variable_name(field.name))
+            if raw is None or raw == "":
+                continue
+            try:
+                values[field.name] = _cast(field, raw)
+            except ValueError as exc:
+                raise ValueError(f"Variable {cls.variable_name(field.name)}={raw!r}: {exc}") from None
+        return cls(**values)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Settings from ``AIRFLOW_VAR_HERALD_*`` / ``HERALD_*`` environment variables (CLI, tests)."""
+        env = os.environ if environ is None else environ
+
+        def lookup(name: str) -> str | None:
+            return env.get(f"AIRFLOW_VAR_{name.upper()}") or env.get(name.upper())
+
+        return cls.from_lookup(lookup)
+
+    @classmethod
+    def from_airflow(cls) -> Settings:
+        """Settings from Airflow Variables; call inside a task, never at DAG parse time."""
+        from airflow.sdk import Variable
+
+        return cls.from_lookup(lambda name: Variable.get(name, default=None))
+
+
+def _cast(field: dataclasses.Field, raw: Any) -> Any:
+    kind = {"int": int, "str": str}[field.type if isinstance(field.type, str) else field.type.__name__]
+    if kind is int:
+        value = int(raw)
+        if value < 0:
+            raise ValueError("must not be negative")
+        return value
+    return str(raw)
+
+
+def defaults() -> dict[str, Any]:
+    """Default settings as ``{variable_name: value}``, the shape of ``airflow_settings.yaml``."""
+    return {Settings.variable_name(f.name): f.default for f in dataclasses.fields(Settings)}
