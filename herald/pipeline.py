@@ -1,0 +1,81 @@
+"""A whole run: claim, process every batch (urgent first), finalize.
+
+The DAG runs these three steps as separate tasks (the batches as mapped tasks); ``run_once`` chains
+them in one process for the CLI, the benchmark and the tests.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+import redis
+from psycopg.types.json import Jsonb
+
+from herald import claiming, db
+from herald.claiming import Batch, ClaimRequest
+from herald.config import Settings
+from herald.digests import send_digests
+from herald.processing import OUTCOMES, BatchResult, process_batch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    batches: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+    released: int = 0
+    digests: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "batches": self.batches, "counts": self.counts,
+                "released": self.released, "digests": self.digests}
+
+
+def summarise(results: Iterable[dict[str, Any]]) -> dict[str, int]:
+    """Counts per outcome and per trigger end over a run's batch results (``BatchResult.to_dict()``)."""
+    counts = dict.fromkeys((*OUTCOMES, "triggers", "triggers_done", "triggers_failed", "recipients"), 0)
+    for r in results:
+        for key in counts:
+            counts[key] += int(r.get(key, 0) or 0)
+    return counts
+
+
+def finalize(
+    conn: psycopg.Connection,
+    redis_client: redis.Redis | None,
+    settings: Settings,
+    run_id: str,
+    results: Iterable[dict[str, Any] | None],
+    *,
+    dry_run: bool = False,
+) -> RunSummary:
+    """Release what the run claimed but did not finish, send due digests, record the run."""
+    finished = [r for r in results if r]
+    summary = RunSummary(run_id, batches=len(finished), counts=summarise(finished))
+    summary.released = claiming.release(conn, run_id)
+    if not dry_run:
+        summary.digests = send_digests(conn, redis_client, settings)
+    summary.counts["digests_sent"] = summary.digests
+    with conn.transaction():
+        db.run(conn, "finish_run", {"run_id": run_id, "counts": Jsonb(summary.counts)})
+    log.info("run %s: %s", run_id, summary.counts)
+    return summary
+
+
+def run_once(
+    conn: psycopg.Connection,
+    redis_client: redis.Redis | None,
+    settings: Settings,
+    request: ClaimRequest,
+) -> tuple[RunSummary, list[BatchResult]]:
+    batches: list[Batch] = claiming.claim(conn, request, settings)
+    results = [process_batch(conn, redis_client, b, settings, dry_run=request.dry_run) for b in batches]
+    summary = finalize(conn, redis_client, settings, request.claim_id, [r.to_dict() for r in results],
+                       dry_run=request.dry_run)
+    return summary, results

@@ -1,0 +1,245 @@
+"""The notification queue at a glance: backlog, throughput, outcomes, claims, runs, cache.
+
+Used by ``herald stats`` and by the Airflow plugin (``plugins/herald_plugin.py``: ``/herald/api/stats``
+and the "Notifications" page). Everything here is cheap on large tables:
+
+- the backlog, the oldest pending ages and the claims come from one pass over the *pending* triggers
+  (``stats_pending_backlog.sql``, through the partial index ``notification_triggers_pending_idx``);
+- throughput and outcomes come from the run records, **not** from ``notifications`` or
+  ``notification_outcomes``: each finished run stores its counts in ``herald_runs.counts``, so "delivered
+  in the last 24 hours" is a sum over a few hundred ``herald_runs`` rows (``herald_runs_started_idx``)
+  instead of a scan of a large inbox table (whose only time index starts with ``user_id``). A window
+  counts the runs that *finished* in it; dry runs are left out;
+- the cache hit ratio comes from two Redis counters the pipeline increments; it is the ratio since the
+  counters were created (a new ``cache_namespace`` starts them again). Redis being down only makes it
+  ``None``.
+
+Nothing returned carries a payload or any user data: ids, types, counts, durations and reasons.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from decimal import Decimal
+from typing import Any
+
+from herald import db
+from herald.config import Settings
+
+log = logging.getLogger(__name__)
+
+#: Per-recipient outcomes, in the order the overview shows them (``herald.processing.OUTCOMES``).
+OUTCOME_KINDS = ("delivered", "skipped_preference", "rate_limited", "digested", "failed")
+SHORT_WINDOW_SECONDS = 3600
+LONG_WINDOW_SECONDS = 24 * 3600
+#: The chart: 24 buckets of one hour, the last one being the current (partial) hour.
+SERIES_BUCKET_SECONDS = 3600
+SERIES_BUCKETS = 24
+#: A run that took longer than this is left out of the windows (it lets the queries use
+#: ``herald_runs_started_idx``; such a run's claims would long have expired anyway).
+MAX_RUN_SECONDS = 6 * 3600
+RECENT_RUNS = 10
+FAILED_LIMIT_MAX = 500
+
+
+# ------------------------------------------------------------------------------------------- queries
+
+
+def _query(conn: Any, name: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Rows of ``include/sql/<name>.sql`` as dicts, whatever the connection's row factory.
+
+    Uses the DB-API cursor only, so a psycopg 3 connection (``herald.db``, ``PostgresHook`` here) and a
+    psycopg2 one (``PostgresHook`` under SQLAlchemy 1.4) both work.
+    """
+    cur = conn.cursor()
+    try:
+        cur.execute(db.sql(name), dict(params or {}))
+        names = [d[0] for d in cur.description]
+        return [dict(row) if isinstance(row, Mapping) else dict(zip(names, row)) for row in cur.fetchall()]
+    finally:
+        cur.close()
+
+
+def _number(value: Any) -> int | float | None:
+    """A JSON-able number: a whole Decimal or float becomes an int."""
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _seconds(value: Any) -> float | None:
+    return None if value is None else round(float(value), 3)
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.UTC)
+    return value.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+@contextmanager
+def _read_transaction(conn: Any) -> Iterator[None]:
+    """One transaction around the reads, so ``now()`` is the same in every query; nothing is written."""
+    transaction = getattr(conn, "transaction", None)
+    if transaction is not None:  # psycopg 3: BEGIN ... COMMIT, or a savepoint inside the caller's
+        with transaction():
+            yield
+        return
+    try:  # psycopg2 (PostgresHook under SQLAlchemy 1.4): end the implicit transaction
+        yield
+    finally:
+        if not conn.autocommit:
+            conn.rollback()
+
+
+def _backlog(conn: Any) -> dict[str, Any]:
+    row = _query(conn, "stats_pending_backlog")[0]
+    normal, urgent = int(row["pending_normal"]), int(row["pending_urgent"])
+    return {
+        "backlog": {"normal": normal, "urgent": urgent, "total": normal + urgent},
+        "oldest_pending_age_seconds": {
+            "normal": _seconds(row["oldest_normal_age_seconds"]),
+            "urgent": _seconds(row["oldest_urgent_age_seconds"]),
+        },
+        "claims": {"held": int(row["claims_held"]), "expired": int(row["claims_expired"])},
+    }
+
+
+def _run_totals(conn: Any) -> dict[str, Any]:
+    rows = _query(
+        conn,
+        "stats_run_totals",
+        {
+            "short_window_seconds": SHORT_WINDOW_SECONDS,
+            "long_window_seconds": LONG_WINDOW_SECONDS,
+            "max_run_seconds": MAX_RUN_SECONDS,
+        },
+    )
+    short = {r["key"]: _number(r["short_total"]) or 0 for r in rows}
+    long = {r["key"]: _number(r["long_total"]) or 0 for r in rows}
+
+    def window(totals: dict[str, Any]) -> dict[str, int]:
+        return {
+            "triggers_processed": totals.get("triggers_done", 0) + totals.get("triggers_failed", 0),
+            "triggers_done": totals.get("triggers_done", 0),
+            "triggers_failed": totals.get("triggers_failed", 0),
+            "notifications_delivered": totals.get("delivered", 0),
+            "digests_sent": totals.get("digests_sent", 0),
+        }
+
+    return {
+        "throughput": {"last_hour": window(short), "last_24h": window(long)},
+        "outcomes_last_hour": {kind: short.get(kind, 0) for kind in OUTCOME_KINDS},
+    }
+
+
+def _series(conn: Any, current_backlog: int) -> dict[str, Any]:
+    rows = _query(
+        conn,
+        "stats_throughput_series",
+        {"bucket_seconds": SERIES_BUCKET_SECONDS, "buckets": SERIES_BUCKETS, "max_run_seconds": MAX_RUN_SECONDS},
+    )
+    points = [
+        {
+            "start": _iso(r["bucket_start"]),
+            "runs": int(r["runs"]),
+            "triggers_processed": _number(r["triggers_processed"]),
+            "delivered": _number(r["delivered"]),
+            "backlog": _number(r["backlog"]),
+        }
+        for r in rows
+    ]
+    if points:
+        # The current bucket shows the backlog as it is now, whatever the runs recorded.
+        points[-1]["backlog"] = current_backlog
+    return {"bucket_seconds": SERIES_BUCKET_SECONDS, "points": points}
+
+
+def _recent_runs(conn: Any, limit: int = RECENT_RUNS) -> list[dict[str, Any]]:
+    return [
+        {
+            "run_id": r["run_id"],
+            "mode": r["mode"],
+            "dry_run": bool(r["dry_run"]),
+            "started_at": _iso(r["started_at"]),
+            "finished_at": _iso(r["finished_at"]),
+            "running": r["finished_at"] is None,
+            "duration_seconds": _seconds(r["duration_seconds"]),
+            "triggers": int(r["triggers"]),
+            "counts": {k: v for k, v in (r["counts"] or {}).items() if _is_number(v)},
+        }
+        for r in _query(conn, "stats_recent_runs", {"limit": limit})
+    ]
+
+
+def cache_stats(redis_client: Any | None, settings: Settings) -> dict[str, Any]:
+    """Hit/miss counters and the hit ratio; all ``None`` when Redis is missing or unreachable."""
+    result: dict[str, Any] = {"available": False, "hits": None, "misses": None, "hit_ratio": None}
+    if redis_client is None:
+        return result
+    keys = [f"{settings.cache_namespace}:stats:cache_hits", f"{settings.cache_namespace}:stats:cache_misses"]
+    try:
+        raw_hits, raw_misses = redis_client.mget(keys)
+    except Exception as exc:  # redis.RedisError, OSError, a cluster error: Redis down never breaks stats
+        log.warning("cache statistics unavailable: %s", type(exc).__name__)
+        return result
+    hits, misses = int(raw_hits or 0), int(raw_misses or 0)
+    result.update(available=True, hits=hits, misses=misses)
+    if hits + misses:
+        result["hit_ratio"] = round(hits / (hits + misses), 4)
+    return result
+
+
+def queue_stats(conn: Any, redis_client: Any | None, settings: Settings) -> dict[str, Any]:
+    """The queue at a glance, as JSON-able data (shape documented in the plugin's API and the README).
+
+    ``conn`` is a DB-API connection to the notifications database (psycopg 3 or 2). In a transaction of
+    its own, so every figure is relative to the same ``now()``; nothing is written.
+    """
+    with _read_transaction(conn):
+        backlog = _backlog(conn)
+        totals = _run_totals(conn)
+        series = _series(conn, backlog["backlog"]["total"])
+        runs = _recent_runs(conn)
+    return {
+        "generated_at": _iso(dt.datetime.now(dt.UTC)),
+        **backlog,
+        **totals,
+        "recent_runs": runs,
+        "cache": cache_stats(redis_client, settings),
+        "series": series,
+    }
+
+
+def failed_triggers(conn: Any, limit: int = 50) -> list[dict[str, Any]]:
+    """The latest failed triggers, newest first: ids, types, times and reasons, never payloads."""
+    if not 1 <= int(limit) <= FAILED_LIMIT_MAX:
+        raise ValueError(f"limit must be between 1 and {FAILED_LIMIT_MAX}")
+    with _read_transaction(conn):
+        rows = _query(conn, "stats_failed_triggers", {"limit": int(limit)})
+    return [
+        {
+            "id": r["id"],
+            "trigger_type": r["trigger_type"],
+            "priority": r["priority"],
+            "created_at": _iso(r["created_at"]),
+            "processed_at": _iso(r["processed_at"]),
+            "attempts": r["attempts"],
+            "run_id": r["run_id"],
+            "last_error": r["last_error"],
+        }
+        for r in rows
+    ]

