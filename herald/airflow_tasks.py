@@ -1,0 +1,125 @@
+"""What each task of the herald DAGs does, given Airflow's context. The DAG files only wire these.
+
+Connections come from the Airflow connections ``notifications_db`` and ``notifications_redis``
+(through the provider hooks) and settings from Variables, read here at run time, never at parse time.
+XComs carry batch descriptors and counts, never rows or personal data.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
+
+import psycopg
+import redis
+
+from herald import claiming, metrics, pipeline
+from herald.claiming import Batch, ClaimRequest
+from herald.config import POSTGRES_CONN_ID, REDIS_CONN_ID, Settings
+from herald.processing import process_batch
+
+log = logging.getLogger(__name__)
+
+#: Test hook: ``HERALD_FAULT_ONCE=<stage>:<marker file>`` makes the first batch attempt that reaches
+#: ``stage`` fail (the marker file records that it did), to show a retry end to end under a scheduler.
+FAULT_ENV = "HERALD_FAULT_ONCE"
+
+
+@contextmanager
+def connections() -> Iterator[tuple[psycopg.Connection, redis.Redis | None]]:
+    """The notifications database (autocommit; herald opens its own transactions) and Redis."""
+    from airflow.providers.postgres.hooks.postgres import PostgresHook
+    from airflow.providers.redis.hooks.redis import RedisHook
+
+    conn = PostgresHook(postgres_conn_id=POSTGRES_CONN_ID).get_conn()
+    conn.autocommit = True
+    client: redis.Redis | None
+    try:
+        client = RedisHook(redis_conn_id=REDIS_CONN_ID).get_conn()
+    except Exception as exc:  # no connection configured, bad URL: run on PostgreSQL alone
+        log.warning("Redis connection %s unusable (%s); running without cache", REDIS_CONN_ID, exc)
+        client = None
+    try:
+        yield conn, client
+    finally:
+        conn.close()
+        if client is not None:
+            client.close()
+
+
+def claim_request(run_id: str, run_type: str, params: dict[str, Any],
+                  interval: tuple[datetime, datetime] | None) -> ClaimRequest:
+    """The claim for a DAG run: scheduled, manual (with the trigger form's params) or backfill."""
+    mode = {"backfill": "backfill", "manual": "manual"}.get(str(run_type).lower().split(".")[-1], "scheduled")
+    user_ids = params.get("user_ids") or None
+    return ClaimRequest(
+        claim_id=run_id,
+        mode=mode,
+        dry_run=bool(params.get("dry_run")),
+        only_urgent=bool(params.get("only_urgent")),
+        user_ids=[int(u) for u in user_ids] if user_ids else None,
+        max_triggers=params.get("max_triggers") or None,
+        batch_size=params.get("batch_size") or None,
+        interval=interval if mode == "backfill" else None,
+    )
+
+
+def claim(run_id: str, run_type: str, params: dict[str, Any],
+          interval: tuple[datetime, datetime] | None) -> dict[str, list[dict[str, Any]]]:
+    settings = Settings.from_airflow()
+    request = claim_request(run_id, run_type, params, interval)
+    with connections() as (conn, _):
+        batches = claiming.claim(conn, request, settings)
+    metrics.claimed(batches)
+    return {
+        "urgent": [b.to_dict() for b in batches if b.priority == "urgent"],
+        "normal": [b.to_dict() for b in batches if b.priority != "urgent"],
+    }
+
+
+def process(batch: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    settings = Settings.from_airflow()
+    with connections() as (conn, client):
+        result = process_batch(conn, client, Batch.from_dict(batch), settings,
+                               dry_run=bool(params.get("dry_run")), checkpoint=_fault_checkpoint())
+    metrics.batch_processed(result)
+    return result.to_dict()
+
+
+def finalize(run_id: str, results: Sequence[Any], params: dict[str, Any]) -> dict[str, Any]:
+    settings = Settings.from_airflow()
+    # Index by length instead of iterating: iterating Airflow's lazy XCom sequence probes one past the
+    # end, which the API server logs as an error ("XCom not found").
+    flat = [group[i] for group in results if group for i in range(len(group))]
+    flat = [r for r in flat if r]
+    with connections() as (conn, client):
+        summary = pipeline.finalize(conn, client, settings, run_id, flat, dry_run=bool(params.get("dry_run")))
+    metrics.run_finished(summary)
+    return summary.to_dict()
+
+
+def housekeeping() -> dict[str, int]:
+    from herald import housekeeping as hk
+
+    settings = Settings.from_airflow()
+    with connections() as (conn, client):
+        return hk.run(conn, client, settings)
+
+
+def _fault_checkpoint() -> Any:
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return None
+    stage, marker = spec.split(":", 1)
+
+    def checkpoint(reached: str) -> None:
+        if reached == stage and not os.path.exists(marker):
+            with open(marker, "w") as fh:
+                fh.write(reached)
+            raise RuntimeError(f"injected fault at {stage} (test hook {FAULT_ENV})")
+
+    return checkpoint

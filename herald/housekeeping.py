@@ -1,0 +1,58 @@
+"""Housekeeping: expired claims, old outcome and run records, Redis keys, and late digests."""
+
+from __future__ import annotations
+
+import logging
+
+import psycopg
+import redis
+
+from herald import db
+from herald.config import Settings
+from herald.digests import send_digests
+
+log = logging.getLogger(__name__)
+
+PURGE_CHUNK = 50_000
+
+
+def run(conn: psycopg.Connection, client: redis.Redis | None, settings: Settings) -> dict[str, int]:
+    """One housekeeping pass; returns what it did, as counts."""
+    done: dict[str, int] = {}
+    with conn.transaction():
+        done["expired_claims_released"] = len(db.run(conn, "release_expired_claims").fetchall())
+        done["exhausted_triggers_failed"] = len(
+            db.run(conn, "fail_exhausted_triggers", {"max_attempts": settings.max_attempts}).fetchall())
+    purged = 0
+    while True:  # bounded chunks keep each transaction short on a big table
+        with conn.transaction():
+            n = db.run(conn, "purge_old_outcomes",
+                       {"retention_days": settings.retention_days, "chunk": PURGE_CHUNK}).rowcount
+        purged += n
+        if n < PURGE_CHUNK:
+            break
+    done["old_outcomes_purged"] = purged
+    with conn.transaction():
+        done["old_runs_purged"] = db.run(conn, "purge_old_runs", {"retention_days": settings.retention_days}).rowcount
+    done["digests_sent"] = send_digests(conn, client, settings)
+    done["redis_keys_fixed"] = _expire_orphan_keys(client, settings)
+    log.info("housekeeping: %s", done)
+    return done
+
+
+def _expire_orphan_keys(client: redis.Redis | None, settings: Settings) -> int:
+    """Give a TTL to any herald key that lost it (e.g. written by hand), so nothing lives forever."""
+    if client is None:
+        return 0
+    fixed = 0
+    ttl_ms = {"rl": settings.rate_window_seconds * 1000, "fav": settings.favorites_ttl_seconds * 1000,
+              "pref": settings.preferences_ttl_seconds * 1000}
+    try:
+        for kind, ttl in ttl_ms.items():
+            for key in client.scan_iter(match=f"{settings.cache_namespace}:{kind}:*", count=1000):
+                if client.pttl(key) == -1:
+                    client.pexpire(key, ttl)
+                    fixed += 1
+    except redis.RedisError as exc:
+        log.warning("Redis unavailable for housekeeping (%s)", type(exc).__name__)
+    return fixed

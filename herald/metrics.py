@@ -1,0 +1,57 @@
+"""Counters and timers through Airflow's own metrics (StatsD or OpenTelemetry, as Airflow is set up).
+
+All names start with ``herald.`` (see the README's metrics table). With metrics switched off in
+Airflow these calls do nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from herald.config import METRICS_PREFIX
+
+if TYPE_CHECKING:
+    from herald.claiming import Batch
+    from herald.pipeline import RunSummary
+    from herald.processing import BatchResult
+
+log = logging.getLogger(__name__)
+
+OUTCOME_COUNTERS = ("delivered", "skipped_preference", "rate_limited", "failed")
+
+
+def _stats():
+    from airflow.sdk.observability import stats
+
+    return stats
+
+
+def _name(*parts: str) -> str:
+    return ".".join((METRICS_PREFIX, *parts))
+
+
+def claimed(batches: Sequence[Batch]) -> None:
+    stats = _stats()
+    stats.incr(_name("triggers", "claimed"), sum(b.triggers for b in batches))
+    stats.gauge(_name("run", "batches"), len(batches))
+
+
+def batch_processed(result: BatchResult) -> None:
+    if result.dry_run:
+        return
+    stats = _stats()
+    for outcome in OUTCOME_COUNTERS:
+        stats.incr(_name("notifications", outcome), getattr(result, outcome))
+    stats.incr(_name("triggers", "done"), result.triggers_done)
+    stats.incr(_name("triggers", "failed"), result.triggers_failed)
+    stats.timing(_name("batch", "duration"), result.duration_seconds * 1000)
+    if not result.redis_available:
+        stats.incr(_name("redis", "fallbacks"))
+
+
+def run_finished(summary: RunSummary) -> None:
+    stats = _stats()
+    stats.incr(_name("digests", "sent"), summary.digests)
+    stats.incr(_name("claims", "released"), summary.released)
