@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,16 +28,31 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MetadataDBError",
-    "Outcome", "Report", "SettingsFile", "SettingsFileError", "apply_settings_file", "load_settings_file"]
+    "Outcome",
+    "Report",
+    "SettingsFile",
+    "SettingsFileError",
+    "apply_settings",
+    "apply_settings_file",
+    "load_settings_file",
+]
 
 CREATED, CHANGED, UNCHANGED = "created", "changed", "unchanged"
 
-_SECTIONS = ("connections", "pools", "variables")
-_CONNECTION_KEYS = frozenset(
-    {"conn_id", "conn_type", "conn_host", "conn_schema", "conn_login", "conn_password", "conn_port", "conn_extra"}
-)
-_POOL_KEYS = frozenset({"pool_name", "pool_slot", "pool_description"})
-_VARIABLE_KEYS = frozenset({"variable_name", "variable_value"})
+#: section of the file -> (kind of entry, key that names an entry, keys an entry may have)
+_SECTIONS: dict[str, tuple[str, str, frozenset[str]]] = {
+    "connections": (
+        "connection",
+        "conn_id",
+        frozenset(
+            "conn_id conn_type conn_host conn_schema conn_login conn_password conn_port conn_extra".split()
+        ),
+    ),
+    "pools": ("pool", "pool_name", frozenset({"pool_name", "pool_slot", "pool_description"})),
+    "variables": ("variable", "variable_name", frozenset({"variable_name", "variable_value"})),
+}
+#: What ``airflow.models.connection.sanitize_conn_id`` accepts (kept here so parsing needs no Airflow).
+_CONN_ID = re.compile(r"[\w#!()\-.:/\\]{1,250}")
 
 
 class SettingsFileError(Exception):
@@ -49,7 +65,7 @@ class MetadataDBError(SettingsFileError):
 
 @dataclass(frozen=True)
 class ConnectionSpec:
-    conn_id: str
+    name: str
     conn_type: str
     host: str | None = None
     schema: str | None = None
@@ -81,12 +97,12 @@ class SettingsFile:
 
 @dataclass(frozen=True)
 class Outcome:
-    """What happened to one entry: ``kind`` is connection, pool or variable."""
+    """What happened to one entry; ``kind`` is connection, pool or variable."""
 
     kind: str
     name: str
     status: str
-    fields: tuple[str, ...] = ()  # names only, never values: a password must not reach a log
+    fields: tuple[str, ...] = ()  # names of the changed fields, never values: no password reaches a log
     note: str = ""
 
     def line(self) -> str:
@@ -105,10 +121,6 @@ class Report:
 
     def with_status(self, *statuses: str) -> list[Outcome]:
         return [o for o in self.outcomes if o.status in statuses]
-
-    @property
-    def changed_anything(self) -> bool:
-        return bool(self.with_status(CREATED, CHANGED))
 
     def lines(self) -> list[str]:
         lines = [o.line() for o in self.outcomes]
@@ -131,7 +143,7 @@ def load_settings_file(path: str | os.PathLike[str]) -> SettingsFile:
     errors: list[str] = []
     settings = _parse(data, errors)
     if errors:
-        raise SettingsFileError(f"{path}: nothing applied:\n  " + "\n  ".join(errors))
+        raise SettingsFileError(f"{path}: invalid, nothing applied:\n  " + "\n  ".join(errors))
     return settings
 
 
@@ -139,43 +151,46 @@ def _parse(data: Any, errors: list[str]) -> SettingsFile:
     if not isinstance(data, Mapping) or not isinstance(data.get("airflow"), Mapping):
         errors.append("expected a top-level 'airflow' mapping")
         return SettingsFile()
-    for key in data:
-        if key != "airflow":
-            errors.append(f"unknown top-level key {key!r}")
+    errors += [f"unknown top-level key {key!r}" for key in data if key != "airflow"]
     airflow = data["airflow"]
-    for key in airflow:
-        if key not in _SECTIONS:
-            errors.append(f"unknown key airflow.{key} (expected {', '.join(_SECTIONS)})")
-    sections = {name: _entries(airflow, name, errors) for name in _SECTIONS}
-    return SettingsFile(
-        connections=_unique("connection", [_connection(e, i, errors) for i, e in sections["connections"]], errors),
-        pools=_unique("pool", [_pool(e, i, errors) for i, e in sections["pools"]], errors),
-        variables=_unique("variable", [_variable(e, i, errors) for i, e in sections["variables"]], errors),
-    )
+    errors += [
+        f"unknown key airflow.{key} (expected {', '.join(_SECTIONS)})"
+        for key in airflow
+        if key not in _SECTIONS
+    ]
+    parsers = {"connections": _connection, "pools": _pool, "variables": _variable}
+    parsed: dict[str, tuple] = {}
+    for section, (kind, name_key, keys) in _SECTIONS.items():
+        specs = [
+            parsers[section](_Entry(kind, item, name_key, keys, errors))
+            for item in _items(airflow, section, errors)
+        ]
+        parsed[section] = _unique(kind, [spec for spec in specs if spec is not None], errors)
+    return SettingsFile(**parsed)
 
 
-def _entries(airflow: Mapping[str, Any], section: str, errors: list[str]) -> list[tuple[int, Mapping]]:
+def _items(airflow: Mapping[str, Any], section: str, errors: list[str]) -> list[tuple[int, Mapping]]:
     items = airflow.get(section) or []  # an empty section (`pools:`) is allowed
     if not isinstance(items, list):
         errors.append(f"airflow.{section} must be a list")
         return []
-    entries = []
     for index, item in enumerate(items, start=1):
-        if isinstance(item, Mapping):
-            entries.append((index, item))
-        else:
+        if not isinstance(item, Mapping):
             errors.append(f"airflow.{section} entry #{index} must be a mapping, not {type(item).__name__}")
-    return entries
+    return [(index, item) for index, item in enumerate(items, start=1) if isinstance(item, Mapping)]
 
 
 class _Entry:
-    """One mapping of the file, with the label its error messages start with."""
+    """One entry of the file, collecting its errors under a label such as ``pool 'notifications'``."""
 
-    def __init__(self, kind: str, entry: Mapping, index: int, name_key: str, keys: frozenset[str], errors: list):
-        name = entry.get(name_key)
+    def __init__(
+        self, kind: str, item: tuple[int, Mapping], name_key: str, keys: frozenset[str], errors: list
+    ):
+        index, self.values = item
+        name = self.values.get(name_key)
         self.label = f"{kind} {name!r}" if isinstance(name, str) and name else f"{kind} #{index}"
-        self.entry, self.errors, self.ok = entry, errors, True
-        for key in entry:
+        self.errors, self.ok = errors, True
+        for key in self.values:
             if key not in keys:
                 self.error(f"unknown key {key!r} (expected {', '.join(sorted(keys))})")
 
@@ -184,7 +199,7 @@ class _Entry:
         self.ok = False
 
     def text(self, key: str, *, required: bool = False) -> str | None:
-        value = self.entry.get(key)
+        value = self.values.get(key)
         if value is None or value == "":
             if required:
                 self.error(f"missing {key}")
@@ -195,17 +210,14 @@ class _Entry:
         return value
 
 
-def _connection(entry: Mapping, index: int, errors: list[str]) -> ConnectionSpec | None:
-    from airflow.models.connection import sanitize_conn_id
-
-    e = _Entry("connection", entry, index, "conn_id", _CONNECTION_KEYS, errors)
+def _connection(e: _Entry) -> ConnectionSpec | None:
     conn_id, conn_type = e.text("conn_id", required=True), e.text("conn_type", required=True)
-    if conn_id is not None and sanitize_conn_id(conn_id) != conn_id:
-        e.error("conn_id may only hold letters, digits and #!()-.:/\\_")
-    port = entry.get("conn_port")
+    if conn_id is not None and not _CONN_ID.fullmatch(conn_id):
+        e.error("conn_id may only hold letters, digits, _ and #!()-.:/\\ (at most 250)")
+    port = e.values.get("conn_port")
     if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536):
         e.error(f"conn_port must be an integer between 1 and 65535, not {port!r}")
-    extra = _extra(e, entry.get("conn_extra"))
+    extra = _extra(e, e.values.get("conn_extra"))
     host, schema, login = e.text("conn_host"), e.text("conn_schema"), e.text("conn_login")
     password = e.text("conn_password")
     if not e.ok or conn_id is None or conn_type is None:
@@ -220,8 +232,7 @@ def _extra(e: _Entry, raw: Any) -> dict[str, Any]:
         try:
             raw = json.loads(raw)
         except json.JSONDecodeError:
-            e.error("conn_extra must be a mapping or a JSON object string")
-            return {}
+            raw = None
     if not isinstance(raw, Mapping):
         e.error("conn_extra must be a mapping or a JSON object string")
         return {}
@@ -232,28 +243,24 @@ def _extra(e: _Entry, raw: Any) -> dict[str, Any]:
         return {}
 
 
-def _pool(entry: Mapping, index: int, errors: list[str]) -> PoolSpec | None:
-    e = _Entry("pool", entry, index, "pool_name", _POOL_KEYS, errors)
+def _pool(e: _Entry) -> PoolSpec | None:
     name = e.text("pool_name", required=True)
-    slots = entry.get("pool_slot")
+    slots = e.values.get("pool_slot")
     if slots is None:
         e.error("missing pool_slot")
     elif isinstance(slots, bool) or not isinstance(slots, int) or slots < 0:
         e.error(f"pool_slot must be an integer >= 0, not {slots!r}")
     description = e.text("pool_description")
-    if not e.ok or name is None:
+    if not e.ok or name is None or slots is None:
         return None
     return PoolSpec(name, slots, description)
 
 
-def _variable(entry: Mapping, index: int, errors: list[str]) -> VariableSpec | None:
-    e = _Entry("variable", entry, index, "variable_name", _VARIABLE_KEYS, errors)
+def _variable(e: _Entry) -> VariableSpec | None:
     name = e.text("variable_name", required=True)
-    value = entry.get("variable_value")
-    if "variable_value" not in entry:
-        e.error("missing variable_value")
-    elif value is None:
-        e.error('variable_value is empty (write "" for an empty string)')
+    value = e.values.get("variable_value")
+    if value is None:
+        e.error('missing variable_value (write "" for an empty string)')
     elif isinstance(value, bool) or not isinstance(value, str | int | float):
         e.error(f"variable_value must be a string (quote it in YAML), not {type(value).__name__}")
     if not e.ok or name is None:
@@ -264,13 +271,10 @@ def _variable(entry: Mapping, index: int, errors: list[str]) -> VariableSpec | N
 def _unique(kind: str, specs: list, errors: list[str]) -> tuple:
     seen: set[str] = set()
     for spec in specs:
-        if spec is None:
-            continue
-        name = spec.conn_id if isinstance(spec, ConnectionSpec) else spec.name
-        if name in seen:
-            errors.append(f"{kind} {name!r}: declared more than once")
-        seen.add(name)
-    return tuple(spec for spec in specs if spec is not None)
+        if spec.name in seen:
+            errors.append(f"{kind} {spec.name!r}: declared more than once")
+        seen.add(spec.name)
+    return tuple(specs)
 
 
 # --- applying ---------------------------------------------------------------------------------
@@ -282,12 +286,13 @@ def apply_settings_file(path: str | os.PathLike[str], *, dry_run: bool = False) 
 
 
 def apply_settings(settings: SettingsFile, *, dry_run: bool = False) -> Report:
-    from airflow import settings as airflow_settings
+    """Compare ``settings`` with the metadata DB and write what differs, in one transaction."""
+    from airflow import settings as airflow_config
     from airflow.utils.session import create_session
     from sqlalchemy.exc import OperationalError, ProgrammingError
 
     try:
-        with create_session() as session:  # one transaction: committed at the end, rolled back on error
+        with create_session() as session:  # commits at the end, rolls back on any error
             outcomes = [
                 *(_apply_connection(session, spec, dry_run) for spec in settings.connections),
                 *(_apply_pool(session, spec, dry_run) for spec in settings.pools),
@@ -296,7 +301,8 @@ def apply_settings(settings: SettingsFile, *, dry_run: bool = False) -> Report:
             if dry_run:
                 session.rollback()
     except (OperationalError, ProgrammingError) as exc:
-        url = airflow_settings.engine.url.render_as_string(hide_password=True) if airflow_settings.engine else "?"
+        engine = airflow_config.engine
+        url = engine.url.render_as_string(hide_password=True) if engine is not None else "?"
         raise MetadataDBError(
             f"Airflow metadata DB {url}: {exc.orig} (has `airflow db migrate` run?); nothing applied"
         ) from None
@@ -304,26 +310,11 @@ def apply_settings(settings: SettingsFile, *, dry_run: bool = False) -> Report:
 
 
 def _apply_connection(session: Session, spec: ConnectionSpec, dry_run: bool) -> Outcome:
-    from airflow.models import Connection
+    from airflow.models.connection import Connection
     from sqlalchemy import select
 
-    note = _env_note(f"AIRFLOW_CONN_{spec.conn_id.upper()}")
-    current = session.scalar(select(Connection).where(Connection.conn_id == spec.conn_id))
-    if current is None:
-        if not dry_run:
-            session.add(
-                Connection(
-                    conn_id=spec.conn_id,
-                    conn_type=spec.conn_type,
-                    host=spec.host,
-                    schema=spec.schema,
-                    login=spec.login,
-                    password=spec.password,
-                    port=spec.port,
-                    extra=spec.extra or None,
-                )
-            )
-        return Outcome("connection", spec.conn_id, CREATED, note=note)
+    note = _env_note(f"AIRFLOW_CONN_{spec.name.upper()}")
+    current = session.scalar(select(Connection).where(Connection.conn_id == spec.name))
     wanted = {
         "conn_type": spec.conn_type,
         "host": spec.host,
@@ -332,41 +323,43 @@ def _apply_connection(session: Session, spec: ConnectionSpec, dry_run: bool) -> 
         "password": spec.password,
         "port": spec.port,
     }
+    if current is None:
+        if not dry_run:
+            session.add(Connection(conn_id=spec.name, extra=spec.extra or None, **wanted))
+        return Outcome("connection", spec.name, CREATED, note=note)
     differing = [name for name, value in wanted.items() if (getattr(current, name) or None) != value]
     if _stored_extra(current.extra) != spec.extra:
         differing.append("extra")
-    if not differing:
-        return Outcome("connection", spec.conn_id, UNCHANGED, note=note)
-    if not dry_run:
+    if differing and not dry_run:
         for name in differing:
             if name == "extra":
                 current.extra = json.dumps(spec.extra) if spec.extra else None
             elif name == "password" and spec.password is None:
-                # Connection.set_password ignores a falsy value, so clearing goes to the column itself.
+                # Connection.password's setter ignores a falsy value: clear the column itself.
                 current._password, current.is_encrypted = None, False
             else:
                 setattr(current, name, wanted[name])
-    return Outcome("connection", spec.conn_id, CHANGED, tuple(differing), note)
+    return Outcome("connection", spec.name, CHANGED if differing else UNCHANGED, tuple(differing), note)
 
 
 def _stored_extra(raw: str | None) -> dict[str, Any] | None:
+    """The stored extra as a dict; ``None`` (differs from any file value) when it is not a JSON object."""
     if not raw:
         return {}
     try:
         value = json.loads(raw)
     except json.JSONDecodeError:
-        return None  # unreadable: differs from anything the file can hold, so it is rewritten
+        return None
     return value if isinstance(value, dict) else None
 
 
 def _apply_pool(session: Session, spec: PoolSpec, dry_run: bool) -> Outcome:
-    from airflow.models import Pool
+    from airflow.models.pool import Pool
     from sqlalchemy import select
 
     current = session.scalar(select(Pool).where(Pool.pool == spec.name))
-    if current is None:
-        status, differing = CREATED, ()
-    else:
+    differing: tuple[str, ...] = ()
+    if current is not None:
         differing = tuple(
             name
             for name, same in (
@@ -375,7 +368,7 @@ def _apply_pool(session: Session, spec: PoolSpec, dry_run: bool) -> Outcome:
             )
             if not same
         )
-        status = CHANGED if differing else UNCHANGED
+    status = CREATED if current is None else CHANGED if differing else UNCHANGED
     if status != UNCHANGED and not dry_run:
         Pool.create_or_update_pool(
             name=spec.name,
@@ -389,15 +382,15 @@ def _apply_pool(session: Session, spec: PoolSpec, dry_run: bool) -> Outcome:
 
 
 def _apply_variable(session: Session, spec: VariableSpec, dry_run: bool) -> Outcome:
-    from airflow.models import Variable
+    from airflow.models.variable import Variable
     from sqlalchemy import select
 
     note = _env_note(f"AIRFLOW_VAR_{spec.name.upper()}")
     current = session.scalar(select(Variable).where(Variable.key == spec.name))
-    if current is not None and current.val == spec.value:
+    if current is not None and current.val == spec.value:  # ``val`` is decrypted with the Fernet key
         return Outcome("variable", spec.name, UNCHANGED, note=note)
     if not dry_run:
-        # An upsert that keeps the description; the value is Fernet-encrypted when a key is set.
+        # An upsert in this session; keeps the description, encrypts when a Fernet key is set.
         description = current.description if current is not None else None
         Variable.set(spec.name, spec.value, description=description, session=session)
     return Outcome("variable", spec.name, CREATED if current is None else CHANGED, note=note)

@@ -7,7 +7,11 @@ flushes a whole Redis database.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 
@@ -16,7 +20,19 @@ import pytest
 import redis
 
 from herald import db, services
-from herald.config import Settings
+from herald.config import PROJECT_ROOT, Settings
+
+# Airflow reads its configuration once, at its first import: give every test session a throwaway
+# Airflow home (SQLite metadata, no examples) before any test module imports ``airflow``, so no test
+# touches ~/airflow. Tests that start Airflow processes pass their own environment to them.
+if "airflow" not in sys.modules:
+    _airflow_home = tempfile.mkdtemp(prefix="herald-tests-airflow-")
+    atexit.register(shutil.rmtree, _airflow_home, ignore_errors=True)
+    os.environ.update({
+        "AIRFLOW_HOME": _airflow_home,
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__DAGS_FOLDER": os.environ.get("HERALD_DAG_FOLDER", str(PROJECT_ROOT / "dags")),
+    })
 
 CONTRACT_AND_PIPELINE_TABLES = (
     "users",

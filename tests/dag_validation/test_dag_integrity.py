@@ -71,12 +71,12 @@ def test_every_pool_a_task_uses_is_declared_in_airflow_settings(
 ) -> None:
     declared = {pool["pool_name"] for pool in airflow_settings.get("pools") or []}
     problems = [
-        f"{dag_id}.{task.task_id}: pool {task.pool!r} is not in {SETTINGS_FILE.name} (declared: {sorted(declared)})"
+        f"{dag_id}.{task.task_id}: pool {task.pool!r} is not among the pools of {SETTINGS_FILE.name}"
         for dag_id, dag in dags.items()
         for task in dag.tasks
         if task.pool != DEFAULT_POOL and task.pool not in declared
     ]
-    assert not problems, "\n".join(problems)
+    assert not problems, "\n".join([*problems, f"declared: {sorted(declared)}"])
 
 
 def test_notification_batch_runs_every_two_minutes_one_run_at_a_time(dags: dict[str, Any]) -> None:
@@ -89,7 +89,9 @@ def test_notification_batch_runs_every_two_minutes_one_run_at_a_time(dags: dict[
     assert dag.max_active_runs == 1
 
 
-def test_airflow_settings_mirror_the_names_and_defaults_of_herald_config(airflow_settings: dict[str, Any]) -> None:
+def test_airflow_settings_mirror_the_names_and_defaults_of_herald_config(
+    airflow_settings: dict[str, Any],
+) -> None:
     connections = {c["conn_id"] for c in airflow_settings.get("connections") or []}
     pools = {p["pool_name"] for p in airflow_settings.get("pools") or []}
     variables = {v["variable_name"]: v["variable_value"] for v in airflow_settings.get("variables") or []}
