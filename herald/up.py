@@ -40,6 +40,8 @@ def airflow_environment(found: services.Services, airflow_home: Path) -> dict[st
         "AIRFLOW__API__PORT": str(UI_PORT),
         "AIRFLOW__API__HOST": "127.0.0.1",
     })
+    # `airflow standalone` starts its components as `airflow ...` commands: the venv must be on PATH.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("AIRFLOW__CORE__EXECUTION_API_SERVER_URL", f"http://127.0.0.1:{UI_PORT}/execution/")
     return env
 
