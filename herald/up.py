@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -91,12 +92,19 @@ def main(args: argparse.Namespace) -> int:
             "Ctrl-C stops Airflow and any embedded PostgreSQL/Redis this command started.\n"
         )
         proc = subprocess.Popen([str(Path(sys.executable).parent / "airflow"), "standalone"], env=env)
+        # Ctrl-C and SIGTERM both stop Airflow first, then (leaving the with block) the embedded servers.
+        signal.signal(signal.SIGINT, _interrupt)
+        signal.signal(signal.SIGTERM, _interrupt)
         try:
             return proc.wait()
         except KeyboardInterrupt:
             proc.terminate()
             try:
-                proc.wait(timeout=30)
+                proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
             return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
