@@ -20,6 +20,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from airflow.sdk import CronTriggerTimetable, Param, dag, get_current_context, task
+from airflow.sdk.exceptions import AirflowFailException
 
 from herald import airflow_tasks
 from herald.config import DAG_ID, POOL_NORMAL, POOL_URGENT, QUEUE_URGENT
@@ -65,7 +66,7 @@ def notification_batch():
     def claim() -> dict[str, list[dict]]:
         context = get_current_context()
         dag_run = context["dag_run"]
-        interval = (context["data_interval_start"], context["data_interval_end"])
+        interval = (context.get("data_interval_start"), context.get("data_interval_end"))
         return airflow_tasks.claim(dag_run.run_id, dag_run.run_type, _params(), interval)
 
     # Airflow maps over a task's return value only, so each priority's list gets its own tiny task.
@@ -91,7 +92,15 @@ def notification_batch():
     normal = process.override(task_id="process_normal", pool=POOL_NORMAL).expand(
         batch=batches_of.override(task_id="normal_batches")(claimed, "normal")
     )
-    finalize(urgent, normal)
+    finished = finalize(urgent, normal)
+
+    # finalize runs whatever happened (all_done), so on its own it would mark every run a success.
+    # This leaf fails the run when any task failed for good, so operators see it in the UI.
+    @task(trigger_rule="one_failed", execution_timeout=timedelta(minutes=1))  # AirflowFailException: no retry
+    def watcher() -> None:
+        raise AirflowFailException("a task of this run failed; see its log (the run's claims were released)")
+
+    [claimed, urgent, normal, finished] >> watcher()
 
 
 notification_batch()

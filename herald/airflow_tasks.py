@@ -117,9 +117,13 @@ def _fault_checkpoint() -> Any:
     stage, marker = spec.split(":", 1)
 
     def checkpoint(reached: str) -> None:
-        if reached == stage and not os.path.exists(marker):
-            with open(marker, "w") as fh:
+        if reached != stage:
+            return
+        try:
+            with open(marker, "x") as fh:  # atomic: exactly one attempt fails
                 fh.write(reached)
-            raise RuntimeError(f"injected fault at {stage} (test hook {FAULT_ENV})")
+        except FileExistsError:
+            return
+        raise RuntimeError(f"injected fault at {stage} (test hook {FAULT_ENV})")
 
     return checkpoint

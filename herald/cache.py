@@ -9,6 +9,7 @@ off for the rest of the batch and the caller reads PostgreSQL instead.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable, Mapping
 
@@ -20,7 +21,8 @@ log = logging.getLogger(__name__)
 
 Entity = tuple[str, int]
 
-#: Marks a cached preferences value; the user exists (non-existent users are never cached).
+#: Marks a cached preferences value (a JSON list of disabled types follows); the user exists
+#: (non-existent users are never cached). JSON, not a joined string: a type name may hold a comma.
 _PREF_PREFIX = "u:"
 
 
@@ -54,7 +56,7 @@ class RecipientCache:
         """Cached disabled types of the users found in the cache (misses are left out)."""
         values = self._mget([self.preferences_key(u) for u in user_ids])
         found = {
-            u: frozenset(filter(None, v[len(_PREF_PREFIX):].split(",")))
+            u: frozenset(json.loads(v[len(_PREF_PREFIX):]))
             for u, v in zip(user_ids, values)
             if v is not None
         }
@@ -70,7 +72,7 @@ class RecipientCache:
         for entity, users in favorites.items():
             pipe.set(self.favorites_key(entity), ",".join(map(str, users)), ex=self.settings.favorites_ttl_seconds)
         for user_id, disabled in preferences.items():
-            value = _PREF_PREFIX + ",".join(sorted(disabled))
+            value = _PREF_PREFIX + json.dumps(sorted(disabled))
             pipe.set(self.preferences_key(user_id), value, ex=self.settings.preferences_ttl_seconds)
         if self.hits:
             pipe.incrby(self.stats_key("cache_hits"), self.hits)

@@ -117,7 +117,8 @@ def claim(conn: psycopg.Connection, request: ClaimRequest, settings: Settings) -
         else:
             rows = db.run(conn, "claim_pending_triggers", params).fetchall()
 
-        fanout = sorted({(r[3], r[4]) for r in rows if r[2] is None and r[3] is not None})
+        # Only well-formed fan-out triggers need an estimate; a malformed one fails alone in its batch.
+        fanout = sorted({(r[3], r[4]) for r in rows if r[2] is None and r[3] is not None and r[4] is not None})
         estimates: dict[tuple[str, int], int] = {}
         if fanout:
             est = db.run(

@@ -15,6 +15,24 @@ and the "Notifications" page). Everything here is cheap on large tables:
   ``None``.
 
 Nothing returned carries a payload or any user data: ids, types, counts, durations and reasons.
+
+``queue_stats`` returns (times are ISO 8601 UTC strings, ages and durations seconds)::
+
+    {"generated_at": "...Z",
+     "backlog": {"normal": 37, "urgent": 5, "total": 42},
+     "oldest_pending_age_seconds": {"normal": 312.5, "urgent": null},
+     "claims": {"held": 3, "expired": 0},
+     "throughput": {"last_hour" | "last_24h": {"triggers_processed", "triggers_done", "triggers_failed",
+                                               "notifications_delivered", "digests_sent"}},
+     "outcomes_last_hour": {"delivered", "skipped_preference", "rate_limited", "digested", "failed"},
+     "recent_runs": [{"run_id", "mode", "dry_run", "started_at", "finished_at", "running",
+                      "duration_seconds", "triggers", "counts": {...}}],          # newest first, 10
+     "cache": {"available": true, "hits": 900, "misses": 100, "hit_ratio": 0.9},
+     "series": {"bucket_seconds": 3600,  # 24 points, oldest first
+                "points": [{"start", "runs", "triggers_processed", "delivered", "backlog"}]}}
+
+A point's ``backlog`` is what the last run finished in that hour recorded as ``counts.backlog`` (pending
+triggers it saw), or null; the last point always holds the current backlog.
 """
 
 from __future__ import annotations
@@ -60,7 +78,10 @@ def _query(conn: Any, name: str, params: Mapping[str, Any] | None = None) -> lis
     try:
         cur.execute(db.sql(name), dict(params or {}))
         names = [d[0] for d in cur.description]
-        return [dict(row) if isinstance(row, Mapping) else dict(zip(names, row)) for row in cur.fetchall()]
+        return [
+            dict(row) if isinstance(row, Mapping) else dict(zip(names, row, strict=True))
+            for row in cur.fetchall()
+        ]
     finally:
         cur.close()
 
@@ -150,7 +171,11 @@ def _series(conn: Any, current_backlog: int) -> dict[str, Any]:
     rows = _query(
         conn,
         "stats_throughput_series",
-        {"bucket_seconds": SERIES_BUCKET_SECONDS, "buckets": SERIES_BUCKETS, "max_run_seconds": MAX_RUN_SECONDS},
+        {
+            "bucket_seconds": SERIES_BUCKET_SECONDS,
+            "buckets": SERIES_BUCKETS,
+            "max_run_seconds": MAX_RUN_SECONDS,
+        },
     )
     points = [
         {
@@ -204,7 +229,7 @@ def cache_stats(redis_client: Any | None, settings: Settings) -> dict[str, Any]:
 
 
 def queue_stats(conn: Any, redis_client: Any | None, settings: Settings) -> dict[str, Any]:
-    """The queue at a glance, as JSON-able data (shape documented in the plugin's API and the README).
+    """The queue at a glance, as JSON-able data (shape in the module docstring).
 
     ``conn`` is a DB-API connection to the notifications database (psycopg 3 or 2). In a transaction of
     its own, so every figure is relative to the same ``now()``; nothing is written.
@@ -243,3 +268,150 @@ def failed_triggers(conn: Any, limit: int = 50) -> list[dict[str, Any]]:
         }
         for r in rows
     ]
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def _count(value: Any) -> str:
+    return "-" if value is None else f"{value:,}"
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m {seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d {seconds % 86400 // 3600:02d}h"
+
+
+def _duration(run: Mapping[str, Any]) -> str:
+    seconds = run["duration_seconds"]
+    if run["running"]:
+        return "running"
+    if seconds is None:
+        return "-"
+    return f"{seconds:.1f}s" if seconds < 60 else _age(seconds)
+
+
+def _sparkline(values: Sequence[float | int | None]) -> str:
+    bars = " ▁▂▃▄▅▆▇█"
+    top = max((v for v in values if v), default=0)
+    if not top:
+        return bars[0] * len(values)
+    return "".join(bars[0] if not v else bars[max(1, round(v / top * (len(bars) - 1)))] for v in values)
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> list[str]:
+    """A plain text table: the first ``left`` columns aligned left, the (numeric) others right."""
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows, strict=True)]
+    fmt = "  ".join(f"{{:{'<' if i < left else '>'}{w}}}" for i, w in enumerate(widths))
+    lines = [fmt.format(*headers), fmt.format(*("-" * w for w in widths)), *(fmt.format(*r) for r in rows)]
+    return [line.rstrip() for line in lines]
+
+
+def _time(iso: str | None) -> str:
+    """``2026-01-02T03:04:05.678Z`` as ``2026-01-02 03:04:05Z``."""
+    return "-" if not iso else iso.replace("T", " ")[:19] + "Z"
+
+
+def render(stats: Mapping[str, Any]) -> str:
+    """The terminal view of :func:`queue_stats`."""
+    b, age, claims = stats["backlog"], stats["oldest_pending_age_seconds"], stats["claims"]
+    hour, day = stats["throughput"]["last_hour"], stats["throughput"]["last_24h"]
+    cache = stats["cache"]
+    ratio = "no data yet" if cache["hit_ratio"] is None else f"{cache['hit_ratio']:.1%}"
+    cache_line = (
+        f"hit ratio {ratio} (hits {_count(cache['hits'])}, misses {_count(cache['misses'])})"
+        if cache["available"]
+        else "unavailable (Redis not reachable)"
+    )
+    points = stats["series"]["points"]
+    lines = [
+        f"herald notification queue, {_time(stats['generated_at'])}",
+        "",
+        *_table(
+            ["", "normal", "urgent", "total"],
+            [
+                ["pending triggers", _count(b["normal"]), _count(b["urgent"]), _count(b["total"])],
+                ["oldest pending", _age(age["normal"]), _age(age["urgent"]), ""],
+            ],
+        ),
+        "",
+        f"claims            held {claims['held']:,}, expired {claims['expired']:,}",
+        "",
+        *_table(
+            ["", "triggers processed", "failed", "delivered", "digests sent"],
+            [
+                [
+                    name,
+                    _count(w["triggers_processed"]),
+                    _count(w["triggers_failed"]),
+                    _count(w["notifications_delivered"]),
+                    _count(w["digests_sent"]),
+                ]
+                for name, w in (("last hour", hour), ("last 24 hours", day))
+            ],
+        ),
+        "",
+        "outcomes, last hour: "
+        + ", ".join(f"{kind} {_count(n)}" for kind, n in stats["outcomes_last_hour"].items()),
+        f"cache             {cache_line}",
+        "",
+        f"delivered per hour, last 24h  |{_sparkline([p['delivered'] for p in points])}|",
+        f"processed per hour, last 24h  |{_sparkline([p['triggers_processed'] for p in points])}|",
+        "",
+        "recent runs",
+    ]
+    runs = stats["recent_runs"]
+    if runs:
+        lines += _table(
+            ["run id", "mode", "started", "duration", "triggers", "delivered", "failed"],
+            [
+                [
+                    r["run_id"] + (" (dry run)" if r["dry_run"] else ""),
+                    r["mode"],
+                    _time(r["started_at"]),
+                    _duration(r),
+                    _count(r["triggers"]),
+                    _count(r["counts"].get("delivered")),
+                    _count(r["counts"].get("triggers_failed")),
+                ]
+                for r in runs
+            ],
+            left=3,
+        )
+    else:
+        lines.append("(no runs yet)")
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    """``herald stats [--json]``: the queue figures of the database and Redis herald finds."""
+    import redis
+
+    from herald import services
+
+    settings = Settings.from_env()
+    with services.ensure_services() as found:
+        client = (
+            redis.Redis.from_url(found.redis_url, socket_connect_timeout=2, socket_timeout=2)
+            if found.redis_url
+            else None
+        )
+        try:
+            with db.connection(found.database_url, autocommit=True) as conn:
+                stats = queue_stats(conn, client, settings)
+        finally:
+            if client is not None:
+                client.close()
+    if getattr(args, "json", False):
+        print(json.dumps(stats, indent=2))
+    else:
+        print(render(stats))
+    return 0

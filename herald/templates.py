@@ -41,6 +41,10 @@ class Template:
             raise RenderError(f"payload is missing a field the {self.trigger_type} template needs: {_field(exc)}") from None
         except TemplateError as exc:
             raise RenderError(f"template for {self.trigger_type} failed: {exc}") from None
+        except Exception as exc:  # a template's own arithmetic on this payload (division by zero, types)
+            raise RenderError(
+                f"template for {self.trigger_type} failed on this payload: {type(exc).__name__}: {exc}"
+            ) from None
 
 
 def _field(exc: UndefinedError) -> str:

@@ -1,0 +1,2 @@
+-- herald bench: an empty inbox (indexes kept) before the COPY floor.
+TRUNCATE notifications RESTART IDENTITY

@@ -1,0 +1,7 @@
+-- Reference processor: one user and their preference row for one type. No row: the user does not
+-- exist; enabled NULL: no preference row (enabled). Indexes: users and preferences primary keys.
+SELECT u.id, p.enabled
+FROM users u
+LEFT JOIN user_notification_preferences p
+       ON p.user_id = u.id AND p.notification_type = %(notification_type)s
+WHERE u.id = %(user_id)s

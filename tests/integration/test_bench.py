@@ -1,0 +1,88 @@
+"""``herald bench`` end to end at a tiny size: the report's shape and the core/reference agreement.
+
+Not a timed test: the seconds are only checked to be measured (positive), never compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import psycopg
+import pytest
+
+from herald import bench, services
+
+REQUIRED_KEYS = (
+    "notifications", "copy_floor_seconds", "core_seconds", "reference_seconds", "core_sql_statements",
+    "reference_sql_statements", "core_redis_commands",
+)
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+@pytest.fixture
+def bench_database(found_services: services.Services):
+    name = f"herald_bench_test_{os.getpid()}"
+    yield name
+    services.drop_database(found_services.database_url, name)
+
+
+def test_bench_end_to_end_small(tmp_path, bench_database, found_services, capsys):
+    out = tmp_path / "bench.json"
+    status = bench.main(_args("--users", "300", "--triggers", "60", "--scale", "1", "2",
+                              "--database", bench_database, "--json", str(out)))
+    printed = capsys.readouterr().out
+    assert status == 0, printed
+
+    report = json.loads(out.read_text())
+    for key in REQUIRED_KEYS:
+        assert key in report, key
+    assert report["notifications"] > 0
+    assert report["core_sql_statements"] > 0
+    assert report["reference_sql_statements"] > report["core_sql_statements"]  # per row vs per batch
+    assert report["core_redis_commands"] > 0
+    assert report["copy_floor_seconds"] > 0 and report["core_seconds"] > 0 and report["reference_seconds"] > 0
+    assert report["core_peak_mb"] > 0
+    assert report["reference_same_notifications"] is True
+    assert report["ok"] is True and report["problems"] == []
+    assert {"cores", "python", "postgresql", "redis"} <= set(report["machine"])
+
+    w1, doubled = report["runs"]
+    assert (w1["scale"], doubled["scale"]) == (1, 2)
+    assert w1["notifications"] == report["notifications"]
+    assert doubled["notifications"] > w1["notifications"]
+    # The reference runs on scale 1 only by default, and the report says so.
+    assert doubled["reference_seconds"] is None and doubled["reference_skipped"]
+    # Statements grow with batches, not with users or triggers.
+    assert doubled["core_sql_statements"] <= w1["core_sql_statements"] + 10 * doubled["batches"]
+    assert {"core_over_copy", "core_sql_statements", "reference_over_core"} <= set(w1["targets"])
+    assert (w1["label"], doubled["label"]) == ("x1", "x2")  # "W1" is kept for the design's own size
+    assert "core_seconds" in printed and "reference / core" in printed and "x2" in printed
+
+    # The scratch database is dropped at the end.
+    admin = services.create_database(found_services.database_url, "postgres")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        assert conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (bench_database,)).fetchone() is None
+
+
+def test_bench_fails_loudly_when_the_reference_disagrees(bench_database, monkeypatch, capsys):
+    from herald import reference
+
+    real = reference.run_reference
+
+    def lossy_reference(conn, settings):
+        counts = real(conn, settings)
+        conn.execute("DELETE FROM notifications WHERE id = (SELECT min(id) FROM notifications)")
+        return counts
+
+    monkeypatch.setattr(reference, "run_reference", lossy_reference)
+    status = bench.main(_args("--users", "200", "--triggers", "40", "--database", bench_database))
+    captured = capsys.readouterr()
+    assert status != 0
+    assert "different notifications" in captured.err
