@@ -59,9 +59,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
+    import psycopg
+
     from herald import stats
 
-    return stats.main(args)
+    try:
+        return stats.main(args)
+    except psycopg.errors.UndefinedTable as exc:
+        print(f"herald stats: the notifications database is not migrated ({exc.diag.message_primary}); "
+              "run `herald db migrate` first", file=sys.stderr)
+        return 2
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
