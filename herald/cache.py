@@ -55,11 +55,15 @@ class RecipientCache:
     def preferences(self, user_ids: list[int]) -> dict[int, frozenset[str]]:
         """Cached disabled types of the users found in the cache (misses are left out)."""
         values = self._mget([self.preferences_key(u) for u in user_ids])
-        found = {
-            u: frozenset(json.loads(v[len(_PREF_PREFIX):]))
-            for u, v in zip(user_ids, values)
-            if v is not None
-        }
+        # Most users share one of a few values ("nothing disabled" above all): decode each value once.
+        decoded: dict[str, frozenset[str]] = {}
+        found: dict[int, frozenset[str]] = {}
+        for u, v in zip(user_ids, values):
+            if v is not None:
+                disabled = decoded.get(v)
+                if disabled is None:
+                    disabled = decoded[v] = frozenset(json.loads(v[len(_PREF_PREFIX):]))
+                found[u] = disabled
         self._count(len(found), len(user_ids) - len(found))
         return found
 

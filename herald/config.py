@@ -38,7 +38,7 @@ class Settings:
     rate_limit: int = 20
     rate_window_seconds: int = 3600
     #: Upper bound of recipients (estimated at claim time) in one mapped batch.
-    batch_size: int = 10_000
+    batch_size: int = 50_000
     #: Upper bound of triggers one DAG run claims; the next run takes the rest.
     max_triggers_per_run: int = 20_000
     #: Upper bound of mapped batches per run, kept well under ``[core] max_map_length`` (1024).

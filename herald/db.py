@@ -51,8 +51,13 @@ def connection(url: str, **kwargs: Any) -> Iterator[psycopg.Connection]:
 
 
 def run(conn: psycopg.Connection, name: str, params: Mapping[str, Any] | None = None) -> psycopg.Cursor:
-    """Execute the named SQL file and return its cursor."""
-    return conn.execute(sql(name), params or {})
+    """Execute the named SQL file and return its cursor.
+
+    Never as a server-side prepared statement: psycopg prepares a query after its fifth run, and
+    PostgreSQL may then switch to a generic plan, which for these array-parameter queries can be far
+    worse than the custom plan (seen: the rate-limit window count going from milliseconds to seconds).
+    """
+    return conn.execute(sql(name), params or {}, prepare=False)
 
 
 # --------------------------------------------------------------------------------------- migrations

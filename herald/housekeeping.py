@@ -7,7 +7,7 @@ import logging
 import psycopg
 import redis
 
-from herald import db
+from herald import db, ratelimit
 from herald.config import Settings
 from herald.digests import send_digests
 
@@ -36,8 +36,19 @@ def run(conn: psycopg.Connection, client: redis.Redis | None, settings: Settings
         done["old_runs_purged"] = db.run(conn, "purge_old_runs", {"retention_days": settings.retention_days}).rowcount
     done["digests_sent"] = send_digests(conn, client, settings)
     done["redis_keys_fixed"] = _expire_orphan_keys(client, settings)
+    done["rate_limit_keys_trimmed"] = _trim_rate_limits(client, settings)
     log.info("housekeeping: %s", done)
     return done
+
+
+def _trim_rate_limits(client: redis.Redis | None, settings: Settings) -> int:
+    if client is None:
+        return 0
+    try:
+        return ratelimit.trim(client, settings)
+    except redis.RedisError as exc:
+        log.warning("Redis unavailable for housekeeping (%s)", type(exc).__name__)
+        return 0
 
 
 def _expire_orphan_keys(client: redis.Redis | None, settings: Settings) -> int:

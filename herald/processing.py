@@ -150,6 +150,7 @@ def process_batch(
             else:
                 recipients = favorites.get((t.entity_type, t.entity_id), [])
             template = templates[t.trigger_type]
+            member, urgent = f"t:{t.id}", t.priority == "urgent"
             for user_id in recipients:
                 disabled = preferences.get(user_id)
                 if disabled is None:
@@ -157,7 +158,7 @@ def process_batch(
                 elif t.trigger_type in disabled and not template.bypass_preferences:
                     plan.outcome(t.id, user_id, SKIPPED_PREFERENCE)
                 else:
-                    candidates.append(Candidate(user_id, f"t:{t.id}", t.priority == "urgent"))
+                    candidates.append(Candidate(user_id, member, urgent))
                     pending.append((t.id, user_id))
             plan.finish(t.id, None, len(recipients))
             result.recipients += len(recipients)

@@ -5,7 +5,8 @@ the user received fewer than ``limit`` in the window; an urgent one always goes 
 
 In Redis each user has a sorted set of the notifications counted for them, the member naming what it
 counts (``t:<trigger_id>`` or ``d:<trigger_id>`` for a digest). A retried batch presents the same
-members, which are recognised and allowed again without being counted twice. The script also takes,
+members, which are recognised and allowed again without being counted twice. Entries older than
+the window are ignored by the count and trimmed by housekeeping (``trim``). The script also takes,
 per user, the count PostgreSQL sees in the window, and uses the larger of the two, so a Redis that
 lost its data (restart, eviction) never lets a user past the limit.
 """
@@ -13,14 +14,16 @@ lost its data (restart, eviction) never lets a user past the limit.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import redis
 
 from herald.config import Settings
 
-# KEYS: one sorted set per user. ARGV: window_ms, limit, dry_run, then per key: floor, n, and n pairs
-# (member, urgent). Returns one 0/1 per candidate, in order.
+# KEYS: one sorted set per user. ARGV: window_ms, limit, dry_run, then per key: floor, the members
+# joined by spaces, and their urgent flags as a string of 0/1 (one character per member). Returns
+# one string of 0/1, the decisions in the same order. Compact arguments and a single reply string
+# keep the client's packing and parsing cost small for thousands of candidates.
 _LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -28,40 +31,50 @@ local window = tonumber(ARGV[1])
 local limit = tonumber(ARGV[2])
 local dry = ARGV[3] == '1'
 local out = {}
-local a = 4
-for _, key in ipairs(KEYS) do
+for k, key in ipairs(KEYS) do
+  local a = 4 + (k - 1) * 3
   local floor = tonumber(ARGV[a])
-  local n = tonumber(ARGV[a + 1])
-  a = a + 2
-  if not dry then redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window) end
+  local urgent = ARGV[a + 2]
+  local members = {}
+  for member in string.gmatch(ARGV[a + 1], '%S+') do members[#members + 1] = member end
+  -- Entries older than the window no longer count; they are trimmed by housekeeping (and the key
+  -- expires a window after its last entry), which keeps this hot loop to a few calls per user.
   local used = redis.call('ZCOUNT', key, now - window, '+inf')
-  if floor > used then used = floor end
-  local added = false
-  for _ = 1, n do
-    local member = ARGV[a]
-    local urgent = ARGV[a + 1] == '1'
-    a = a + 2
-    if redis.call('ZSCORE', key, member) then
-      out[#out + 1] = 1
-    elseif urgent or used < limit then
-      out[#out + 1] = 1
-      used = used + 1
-      if not dry then
-        redis.call('ZADD', key, now, member)
-        added = true
-      end
-    else
-      out[#out + 1] = 0
+  -- Which members are counted already (a retried batch): one ZMSCORE per 1,000 members.
+  local known = {}
+  if used > 0 then
+    for first = 1, #members, 1000 do
+      local last = math.min(first + 999, #members)
+      local scores = redis.call('ZMSCORE', key, unpack(members, first, last))
+      for j = first, last do known[j] = scores[j - first + 1] end
     end
   end
-  if added then redis.call('PEXPIRE', key, window) end
+  if floor > used then used = floor end
+  local adds = {}
+  for i, member in ipairs(members) do
+    if known[i] then
+      out[#out + 1] = '1'
+    elseif string.byte(urgent, i) == 49 or used < limit then
+      out[#out + 1] = '1'
+      used = used + 1
+      adds[#adds + 1] = now
+      adds[#adds + 1] = member
+    else
+      out[#out + 1] = '0'
+    end
+  end
+  if #adds > 0 and not dry then
+    for first = 1, #adds, 2000 do
+      redis.call('ZADD', key, unpack(adds, first, math.min(first + 1999, #adds)))
+    end
+    redis.call('PEXPIRE', key, window)
+  end
 end
-return out
+return table.concat(out)
 """
 
 
-@dataclass(frozen=True)
-class Candidate:
+class Candidate(NamedTuple):  # a tuple: batches make tens of thousands of them
     user_id: int
     member: str  # what this notification is, stable across retries: "t:<trigger_id>", "d:<trigger_id>"
     urgent: bool
@@ -86,14 +99,17 @@ def redis_decide(
     order: list[int] = []
     for user_id, indexes in by_user.items():
         keys.append(f"{settings.cache_namespace}:rl:{user_id}")
-        args += [floors.get(user_id, 0), len(indexes)]
-        for i in indexes:
-            args += [candidates[i].member, int(candidates[i].urgent)]
-            order.append(i)
+        args += [
+            floors.get(user_id, 0),
+            " ".join(candidates[i].member for i in indexes),
+            "".join("1" if candidates[i].urgent else "0" for i in indexes),
+        ]
+        order.extend(indexes)
     flags = client.eval(_LUA, len(keys), *keys, *args)
+    flags = flags.decode() if isinstance(flags, bytes) else flags
     allowed = [False] * len(candidates)
     for i, flag in zip(order, flags):
-        allowed[i] = bool(flag)
+        allowed[i] = flag == "1"
     return allowed
 
 
@@ -107,3 +123,17 @@ def counts_decide(candidates: Sequence[Candidate], recent: Mapping[int, int], li
             used[c.user_id] = used.get(c.user_id, 0) + 1
         allowed.append(ok)
     return allowed
+
+
+def trim(client: redis.Redis, settings: Settings) -> int:
+    """Drop entries older than the window from every rate-limit key (housekeeping); return keys seen."""
+    cutoff = f"({int(client.time()[0] * 1000) - settings.rate_window_seconds * 1000}"
+    seen = 0
+    pipe = client.pipeline(transaction=False)
+    for key in client.scan_iter(match=f"{settings.cache_namespace}:rl:*", count=1000):
+        pipe.zremrangebyscore(key, "-inf", cutoff)
+        seen += 1
+        if len(pipe) >= 1000:
+            pipe.execute()
+    pipe.execute()
+    return seen
