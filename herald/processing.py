@@ -74,6 +74,7 @@ class _Trigger:
     user_id: int | None
     priority: str
     payload: Any
+    attempts: int
 
 
 @dataclass
@@ -167,7 +168,10 @@ def process_batch(
             plan.bodies.append(rendered[t.id][1])
 
         limiter_client = redis_client if cache.available else None  # the cache already found Redis down
-        allowed, result.redis_available = _rate_limit(conn, limiter_client, candidates, settings, dry_run)
+        attempt = f"{batch.claim_id}:{batch.batch}"
+        maybe_counted = any(t.attempts > 1 for t in triggers)  # claimed before: an earlier run may have counted
+        allowed, result.redis_available = _rate_limit(
+            conn, limiter_client, candidates, settings, dry_run, attempt, maybe_counted)
         for (trigger_id, user_id), ok in zip(pending, allowed):
             if ok:
                 plan.notif_triggers.append(trigger_id)
@@ -253,6 +257,8 @@ def _rate_limit(
     candidates: list[Candidate],
     settings: Settings,
     dry_run: bool,
+    attempt: str,
+    maybe_counted: bool,
 ) -> tuple[list[bool], bool]:
     """Allowed flag per candidate, and whether Redis decided (False: PostgreSQL fallback)."""
     if not candidates:
@@ -262,7 +268,8 @@ def _rate_limit(
     if client is not None:
         floors = dict(db.run(conn, "recent_notification_counts", window).fetchall())
         try:
-            return redis_decide(client, candidates, floors, settings, dry_run=dry_run), True
+            return redis_decide(client, candidates, floors, settings, dry_run=dry_run, attempt=attempt,
+                                maybe_counted=maybe_counted), True
         except redis.RedisError as exc:
             log.warning("Redis rate limiter unavailable (%s); enforcing the limit from PostgreSQL",
                         type(exc).__name__)

@@ -20,29 +20,32 @@ import redis
 
 from herald.config import Settings
 
-# KEYS: one sorted set per user. ARGV: window_ms, limit, dry_run, then per key: floor, the members
-# joined by spaces, and their urgent flags as a string of 0/1 (one character per member). Returns
-# one string of 0/1, the decisions in the same order. Compact arguments and a single reply string
-# keep the client's packing and parsing cost small for thousands of candidates.
+# KEYS[1]: this attempt's marker (see redis_decide); KEYS[2..]: one sorted set per user.
+# ARGV: window_ms, limit, dry_run, check (1: look for members counted before; 0: only when the
+# marker shows an earlier attempt of this batch), then per user key: floor, the members joined by
+# spaces, and their urgent flags as a string of 0/1. Returns one string of 0/1, the decisions in
+# the same order. Compact arguments and a single reply keep the client's cost small.
 _LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local window = tonumber(ARGV[1])
 local limit = tonumber(ARGV[2])
 local dry = ARGV[3] == '1'
+local check = ARGV[4] == '1' or redis.call('EXISTS', KEYS[1]) == 1
 local out = {}
-for k, key in ipairs(KEYS) do
-  local a = 4 + (k - 1) * 3
+for k = 2, #KEYS do
+  local key = KEYS[k]
+  local a = 5 + (k - 2) * 3
   local floor = tonumber(ARGV[a])
   local urgent = ARGV[a + 2]
   local members = {}
   for member in string.gmatch(ARGV[a + 1], '%S+') do members[#members + 1] = member end
   -- Entries older than the window no longer count; they are trimmed by housekeeping (and the key
-  -- expires a window after its last entry), which keeps this hot loop to a few calls per user.
+  -- expires a window after its last entry), which keeps this loop to a few calls per user.
   local used = redis.call('ZCOUNT', key, now - window, '+inf')
-  -- Which members are counted already (a retried batch): one ZMSCORE per 1,000 members.
+  -- Members counted by an earlier attempt are allowed again, not counted twice.
   local known = {}
-  if used > 0 then
+  if check and used > 0 then
     for first = 1, #members, 1000 do
       local last = math.min(first + 999, #members)
       local scores = redis.call('ZMSCORE', key, unpack(members, first, last))
@@ -70,6 +73,7 @@ for k, key in ipairs(KEYS) do
     redis.call('PEXPIRE', key, window)
   end
 end
+if not dry then redis.call('SET', KEYS[1], '1', 'PX', window) end
 return table.concat(out)
 """
 
@@ -87,15 +91,25 @@ def redis_decide(
     settings: Settings,
     *,
     dry_run: bool = False,
+    attempt: str | None = None,
+    maybe_counted: bool = True,
 ) -> list[bool]:
-    """Decide (and count) all candidates atomically in one EVAL; raises ``redis.RedisError``."""
+    """Decide (and count) all candidates atomically in one EVAL; raises ``redis.RedisError``.
+
+    Looking up whether each member was counted before costs a call per user, so it is skipped when
+    nothing can have been: ``attempt`` names this unit of work (a batch), the script leaves a marker
+    for it, and ``maybe_counted=False`` says no candidate was claimed before (first claim of every
+    trigger). A retry of the same batch finds its marker and checks; a trigger claimed again by
+    another run comes with ``maybe_counted=True``.
+    """
     if not candidates:
         return []
     by_user: dict[int, list[int]] = {}
     for i, c in enumerate(candidates):
         by_user.setdefault(c.user_id, []).append(i)
-    keys: list[str] = []
-    args: list[object] = [settings.rate_window_seconds * 1000, settings.rate_limit, int(dry_run)]
+    check = maybe_counted or attempt is None
+    keys: list[str] = [f"{settings.cache_namespace}:attempt:{attempt or '-'}"]
+    args: list[object] = [settings.rate_window_seconds * 1000, settings.rate_limit, int(dry_run), int(check)]
     order: list[int] = []
     for user_id, indexes in by_user.items():
         keys.append(f"{settings.cache_namespace}:rl:{user_id}")

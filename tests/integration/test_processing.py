@@ -252,3 +252,24 @@ def test_redis_stopped_batch_completes_from_postgres_and_limit_holds(pg, own_red
     assert per_user == {1: 20, 2: 20}  # 15 + 5: the limit still holds, from PostgreSQL's counts
     assert summary.counts["rate_limited"] == 10
     assert pg.execute("SELECT count(*) FROM notification_triggers WHERE status = 'done'").fetchone()[0] == 25
+
+
+def test_run_that_died_after_counting_is_taken_over_without_counting_twice(pg, redis_client, settings):
+    f.add_users(pg, range(1, 6))
+    f.add_favorites(pg, range(1, 6), "item", 7)
+    t = f.add_trigger(pg, "price_drop", entity=("item", 7))
+    (batch,) = claiming.claim(pg, ClaimRequest("run-dies"), settings)
+
+    def die(stage: str) -> None:
+        if stage == "before_write":
+            raise Killed
+
+    with pytest.raises(Killed):
+        process_batch(pg, redis_client, batch, settings, checkpoint=die)
+    counted = {u: rate_limit_counts(redis_client, settings, u) for u in range(1, 6)}
+    assert counted == dict.fromkeys(range(1, 6), 1)
+    # The whole run is gone; its lease runs out and the next run takes the trigger over.
+    pg.execute("UPDATE notification_triggers SET claim_expires_at = now() - interval '1 second'")
+    _, results = run(pg, redis_client, settings, "next-run")
+    assert results[0].delivered == 5 and f.notifications_of(pg, t) == [1, 2, 3, 4, 5]
+    assert {u: rate_limit_counts(redis_client, settings, u) for u in range(1, 6)} == counted
