@@ -119,9 +119,7 @@ def _triggers(rng: random.Random, ds: DataSet, first_id: int, count: int, ghosts
         if kind == "ghost":
             user_id = rng.choice(ghosts)
         if kind == "neither":
-            # ("item", None) is left out: it crashes the fast path's claim (see
-            # test_entity_type_without_entity_id_fails_alone_instead_of_blocking_the_queue).
-            entity = rng.choice([(None, None), (None, 3)])
+            entity = rng.choice([(None, None), (None, 3), ("item", None)])
         if kind == "nobody":
             entity = (rng.choice(ENTITY_TYPES), 900 + rng.randint(0, 50))
         claim = None
@@ -530,9 +528,9 @@ def _entity_type_without_entity_id(pg: psycopg.Connection) -> int:
 def test_entity_type_without_entity_id_fails_alone_instead_of_blocking_the_queue(pg, redis_client, settings):
     """A trigger with entity_type but no entity_id (and no user_id) must end 'failed' on its own.
 
-    Fast path today: claiming.claim sorts the claimed (entity_type, entity_id) pairs, ("item", None)
-    against ("item", 1) raises TypeError, the claim transaction rolls back, and every later run hits the
-    same row: one poison trigger blocks the whole queue.
+    Found by this test: claiming.claim sorted the claimed (entity_type, entity_id) pairs, ("item", None)
+    against ("item", 1) raised TypeError, the claim transaction rolled back, and every later run hit
+    the same row: one poison trigger blocked the whole queue.
     """
     f.add_users(pg, [1])
     f.add_favorites(pg, [1], "item", 1)
@@ -549,9 +547,9 @@ def test_entity_type_without_entity_id_fails_alone_instead_of_blocking_the_queue
 def test_disabled_type_with_a_comma_stays_disabled_on_a_cache_hit(pg, redis_client, settings):
     """A user who disabled a type whose name holds a comma must not get it from the second batch on.
 
-    Fast path today: the preferences cache stores the disabled types joined by "," and splits them on
-    read, so "promo,weekly" comes back as {"promo", "weekly"}: the first batch (PostgreSQL) skips the
-    user, the next batch within the TTL (a cache hit) delivers; and "weekly" would be taken as disabled.
+    Found by this test: the preferences cache stored the disabled types joined by "," and split them on
+    read, so "promo,weekly" came back as {"promo", "weekly"}: the first batch (PostgreSQL) skipped the
+    user, the next batch within the TTL (a cache hit) delivered. The cache now stores JSON.
     """
     pg.execute("INSERT INTO notification_templates VALUES ('promo,weekly', 'Promo {{ n }}', 'x', false)")
     f.add_users(pg, [1])
@@ -568,11 +566,10 @@ def test_disabled_type_with_a_comma_stays_disabled_on_a_cache_hit(pg, redis_clie
 def test_a_template_that_raises_on_a_payload_fails_that_trigger_only(pg, redis_client, settings):
     """A template error other than a missing field must fail its trigger, not the whole batch.
 
-    Fast path today: Template.render turns only jinja2's UndefinedError/TemplateError into RenderError.
+    Found by this test: Template.render turned only jinja2's UndefinedError/TemplateError into RenderError.
     An operator's template doing arithmetic ("{{ ((old_price - new_price) / old_price * 100) | round }}")
-    raises ZeroDivisionError or TypeError (prices sent as strings, as the built-in payloads do) out of
-    process_batch: the batch's transaction rolls back, its good triggers with it, and the claim is
-    retried until fail_exhausted_triggers gives up on every trigger of the batch.
+    raised ZeroDivisionError or TypeError (prices sent as strings, as the built-in payloads do) out of
+    process_batch: the batch's transaction rolled back, its good triggers with it.
     """
     pg.execute("UPDATE notification_templates SET body_template = %s WHERE trigger_type = 'price_drop'",
                ("{{ ((old_price - new_price) / old_price * 100) | round }}% off",))
