@@ -8,6 +8,7 @@ counts against the limit like any other) and marks those outcomes ``digested`` w
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import psycopg
 import redis
@@ -19,17 +20,23 @@ from herald.ratelimit import Candidate, counts_decide, redis_decide
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class DigestPass:
+    sent: int = 0  # digest notifications written
+    folded: int = 0  # rate-limited outcomes they summarise (now 'digested')
+
+
 def send_digests(
     conn: psycopg.Connection, redis_client: redis.Redis | None, settings: Settings, *, limit: int = 50_000
-) -> int:
-    """Send the digests that fit in their users' budget now; return how many were sent."""
+) -> DigestPass:
+    """Send the digests that fit in their users' budget now."""
     with conn.transaction():
         if not db.run(conn, "try_digest_lock").fetchone()[0]:
             log.info("another digest pass is running; skipping")
-            return 0
+            return DigestPass()
         pending = db.run(conn, "pending_digests", {"limit": limit}).fetchall()
         if not pending:
-            return 0
+            return DigestPass()
         users = [p[0] for p in pending]
         candidates = [Candidate(user_id, f"d:{last}", False) for user_id, _, last in pending]
         window = {"user_ids": users, "window_seconds": settings.rate_window_seconds}
@@ -47,15 +54,16 @@ def send_digests(
             allowed = counts_decide(candidates, recent, settings.rate_limit)
         ready = [p for p, ok in zip(pending, allowed) if ok]
         if not ready:
-            return 0
+            return DigestPass()
         digests = db.run(conn, "insert_digests", {
             "user_ids": [p[0] for p in ready], "held": [p[1] for p in ready],
             "last_trigger_ids": [p[2] for p in ready],
         }).fetchall()
         digest_of = {user_id: digest_id for digest_id, user_id in digests}
-        db.run(conn, "mark_digested", {
+        folded = db.run(conn, "mark_digested", {
             "user_ids": [p[0] for p in ready], "digest_ids": [digest_of[p[0]] for p in ready],
             "last_trigger_ids": [p[2] for p in ready],
-        })
-    log.info("sent %s digests (%s users still over their limit)", len(ready), len(pending) - len(ready))
-    return len(ready)
+        }).rowcount
+    log.info("sent %s digests folding %s held notifications (%s users still over their limit)",
+             len(ready), folded, len(pending) - len(ready))
+    return DigestPass(len(ready), folded)

@@ -34,7 +34,8 @@ def run(conn: psycopg.Connection, client: redis.Redis | None, settings: Settings
     done["old_outcomes_purged"] = purged
     with conn.transaction():
         done["old_runs_purged"] = db.run(conn, "purge_old_runs", {"retention_days": settings.retention_days}).rowcount
-    done["digests_sent"] = send_digests(conn, client, settings)
+    digests = send_digests(conn, client, settings)
+    done["digests_sent"], done["outcomes_digested"] = digests.sent, digests.folded
     done["redis_keys_fixed"] = _expire_orphan_keys(client, settings)
     done["rate_limit_keys_trimmed"] = _trim_rate_limits(client, settings)
     log.info("housekeeping: %s", done)

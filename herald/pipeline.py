@@ -60,7 +60,9 @@ def finalize(
     summary = RunSummary(run_id, batches=len(finished), counts=summarise(finished))
     summary.released = claiming.release(conn, run_id)
     if not dry_run:
-        summary.digests = send_digests(conn, redis_client, settings)
+        digests = send_digests(conn, redis_client, settings)
+        summary.digests = digests.sent
+        summary.counts["digested"] = digests.folded  # batches never digest; this pass does
     summary.counts["digests_sent"] = summary.digests
     with conn.transaction():
         db.run(conn, "finish_run", {"run_id": run_id, "counts": Jsonb(summary.counts)})

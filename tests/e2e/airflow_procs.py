@@ -24,13 +24,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit
 
 import httpx
 import psycopg
-from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 
+from herald import services
 from herald.config import DAG_ID, PROJECT_ROOT
 
 AIRFLOW = Path(sys.executable).with_name("airflow")
@@ -43,27 +42,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def airflow_postgres_uri(libpq_url: str) -> str:
-    """A libpq URL or DSN as an Airflow connection URI ``postgres://user[:pw]@host:port/db``."""
-    params = conninfo_to_dict(libpq_url)
-    user = quote(params.get("user") or "postgres", safe="")
-    password = params.get("password")
-    auth = f"{user}:{quote(password, safe='')}" if password else user
-    host = quote(params.get("host") or "127.0.0.1", safe="")
-    return f"postgres://{auth}@{host}:{params.get('port') or '5432'}/{quote(params['dbname'], safe='')}"
+def notification_connections(db_url: str, redis_url: str) -> dict[str, str]:
+    """``AIRFLOW_CONN_NOTIFICATIONS_DB`` / ``_REDIS`` for these URLs: the conversion ``herald up`` uses."""
+    env = services.environment(services.Services(db_url, redis_url, "env", "env"))
+    return {k: v for k, v in env.items() if k.startswith("AIRFLOW_CONN_")}
 
 
 def sqlalchemy_postgres_uri(libpq_url: str) -> str:
     """A libpq URL or DSN as the metadata DB's SQLAlchemy URL (psycopg 3 driver)."""
-    return "postgresql+psycopg" + airflow_postgres_uri(libpq_url)[len("postgres"):]
-
-
-def airflow_redis_uri(redis_url: str) -> str:
-    """``redis://host:port/N`` as an Airflow connection URI: the Redis hook reads the db from the extra."""
-    parts = urlsplit(redis_url)
-    db = (parts.path or "/0").strip("/") or "0"
-    auth = f":{quote(parts.password, safe='')}@" if parts.password else ""
-    return f"redis://{auth}{parts.hostname or '127.0.0.1'}:{parts.port or 6379}/?db={db}"
+    env = services.environment(services.Services(libpq_url, None, "env", None))
+    return "postgresql+psycopg" + env["AIRFLOW_CONN_NOTIFICATIONS_DB"][len("postgres"):]
 
 
 def airflow_env(
@@ -90,8 +78,7 @@ def airflow_env(
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": (
                 sqlalchemy_postgres_uri(metadata_url) if metadata_url else f"sqlite:///{home / 'airflow.db'}"
             ),
-            "AIRFLOW_CONN_NOTIFICATIONS_DB": airflow_postgres_uri(db_url),
-            "AIRFLOW_CONN_NOTIFICATIONS_REDIS": airflow_redis_uri(redis_url),
+            **notification_connections(db_url, redis_url),
             "AIRFLOW_VAR_HERALD_CACHE_NAMESPACE": namespace,
             "PYTHONUNBUFFERED": "1",
         }

@@ -13,52 +13,22 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote, urlsplit
 
 import httpx
 import pytest
-from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.json import Jsonb
 
 from herald.config import PROJECT_ROOT, Settings
+from tests.e2e.airflow_procs import AIRFLOW, ARTIFACTS, free_port, notification_connections
 
-ARTIFACTS = PROJECT_ROOT / "artifacts" / "e2e"
-AIRFLOW = Path(sys.executable).with_name("airflow")
 STARTUP_TIMEOUT_SECONDS = 180
 ADMIN = "admin"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def airflow_postgres_uri(libpq_url: str) -> str:
-    """``host=... dbname=...`` or ``postgresql://...`` as an Airflow connection URI ``postgres://...``."""
-    params = conninfo_to_dict(libpq_url)
-    user = quote(params.get("user") or "postgres", safe="")
-    password = params.get("password")
-    auth = f"{user}:{quote(password, safe='')}" if password else user
-    host = quote(params.get("host") or "127.0.0.1", safe="")  # a socket directory is quoted whole
-    port = params.get("port") or "5432"
-    return f"postgres://{auth}@{host}:{port}/{quote(params['dbname'], safe='')}"
-
-
-def airflow_redis_uri(redis_url: str) -> str:
-    """``redis://host:port/N`` as an Airflow connection URI: the hook reads the db from the extra only."""
-    parts = urlsplit(redis_url)
-    db = (parts.path or "/0").strip("/") or "0"
-    auth = f":{quote(parts.password, safe='')}@" if parts.password else ""
-    return f"redis://{auth}{parts.hostname or '127.0.0.1'}:{parts.port or 6379}/?db={db}"
 
 
 @dataclass
@@ -131,8 +101,7 @@ def _airflow_env(home: Path, db_url: str, redis_url: str, namespace: str) -> dic
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
             "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(64),
             "AIRFLOW__API__SECRET_KEY": secrets.token_urlsafe(64),
-            "AIRFLOW_CONN_NOTIFICATIONS_DB": airflow_postgres_uri(db_url),
-            "AIRFLOW_CONN_NOTIFICATIONS_REDIS": airflow_redis_uri(redis_url),
+            **notification_connections(db_url, redis_url),
             "AIRFLOW_VAR_HERALD_CACHE_NAMESPACE": namespace,
             "PYTHONUNBUFFERED": "1",
         }

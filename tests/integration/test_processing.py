@@ -124,7 +124,7 @@ def test_digest_is_sent_once_the_user_has_budget_again(pg, redis_client, setting
     pg.execute("UPDATE notifications SET created_at = created_at - interval '61 minutes'")
     redis_client.delete(f"{settings.cache_namespace}:rl:1")
     summary, _ = run(pg, redis_client, settings, "run-b")
-    assert summary.digests == 1
+    assert summary.digests == 1 and summary.counts["digested"] == 2
     digest = pg.execute(
         "SELECT id, title, trigger_id FROM notifications WHERE notification_type = 'digest'").fetchall()
     assert len(digest) == 1 and digest[0][1] == "2 more updates on your favorites" and digest[0][2] is None
