@@ -27,28 +27,42 @@ log = logging.getLogger(__name__)
 #: Test hook: ``HERALD_FAULT_ONCE=<stage>:<marker file>`` makes the first batch attempt that reaches
 #: ``stage`` fail (the marker file records that it did), to show a retry end to end under a scheduler.
 FAULT_ENV = "HERALD_FAULT_ONCE"
+REDIS_TIMEOUT_SECONDS = 10.0
 
 
 @contextmanager
 def connections() -> Iterator[tuple[psycopg.Connection, redis.Redis | None]]:
     """The notifications database (autocommit; herald opens its own transactions) and Redis."""
     from airflow.providers.postgres.hooks.postgres import PostgresHook
-    from airflow.providers.redis.hooks.redis import RedisHook
 
     conn = PostgresHook(postgres_conn_id=POSTGRES_CONN_ID).get_conn()
     conn.autocommit = True
-    client: redis.Redis | None
-    try:
-        client = RedisHook(redis_conn_id=REDIS_CONN_ID).get_conn()
-    except Exception as exc:  # no connection configured, bad URL: run on PostgreSQL alone
-        log.warning("Redis connection %s unusable (%s); running without cache", REDIS_CONN_ID, exc)
-        client = None
+    client = redis_from_hook(REDIS_TIMEOUT_SECONDS)
     try:
         yield conn, client
     finally:
         conn.close()
         if client is not None:
             client.close()
+
+
+def redis_from_hook(timeout_seconds: float) -> redis.Redis | None:
+    """The ``notifications_redis`` client with socket timeouts, or None when it is unusable.
+
+    RedisHook sets no timeouts, and a Redis that stops answering must slow a batch down (it falls
+    back to PostgreSQL), not hang it.
+    """
+    from airflow.providers.redis.hooks.redis import RedisHook
+
+    try:
+        client = RedisHook(redis_conn_id=REDIS_CONN_ID).get_conn()
+    except Exception as exc:  # no connection configured, bad extras: run on PostgreSQL alone
+        log.warning("Redis connection %s unusable (%s); running without it", REDIS_CONN_ID, exc)
+        return None
+    kwargs = client.connection_pool.connection_kwargs
+    kwargs.setdefault("socket_connect_timeout", timeout_seconds)
+    kwargs.setdefault("socket_timeout", timeout_seconds)
+    return client
 
 
 def claim_request(run_id: str, run_type: str, params: dict[str, Any],

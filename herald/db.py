@@ -50,14 +50,18 @@ def connection(url: str, **kwargs: Any) -> Iterator[psycopg.Connection]:
         conn.close()
 
 
-def run(conn: psycopg.Connection, name: str, params: Mapping[str, Any] | None = None) -> psycopg.Cursor:
+def run(
+    conn: psycopg.Connection, name: str, params: Mapping[str, Any] | None = None, *, prepare: bool | None = False
+) -> psycopg.Cursor:
     """Execute the named SQL file and return its cursor.
 
-    Never as a server-side prepared statement: psycopg prepares a query after its fifth run, and
-    PostgreSQL may then switch to a generic plan, which for these array-parameter queries can be far
-    worse than the custom plan (seen: the rate-limit window count going from milliseconds to seconds).
+    By default never as a server-side prepared statement: psycopg prepares a query after its fifth
+    run, and PostgreSQL may then switch to a generic plan, which for the pipeline's array-parameter
+    queries can be far worse than the custom plan (seen: the rate-limit window count going from
+    milliseconds to seconds). ``prepare=None`` restores psycopg's default, right for small
+    single-row queries run many times (the reference processor).
     """
-    return conn.execute(sql(name), params or {}, prepare=False)
+    return conn.execute(sql(name), params or {}, prepare=prepare)
 
 
 # --------------------------------------------------------------------------------------- migrations

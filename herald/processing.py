@@ -58,8 +58,6 @@ class BatchResult:
     failed: int = 0
     redis_available: bool = True
     duration_seconds: float = 0.0
-    #: How many of each trigger-level failure reason, by kind (no personal data).
-    failure_kinds: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -145,7 +143,6 @@ def process_batch(
             if t.user_id is not None:
                 if t.user_id not in preferences:
                     plan.finish(t.id, f"user {t.user_id} does not exist", 0)
-                    errors[t.id] = "user does not exist"
                     continue
                 recipients = [t.user_id]
             else:
@@ -190,9 +187,6 @@ def process_batch(
         setattr(result, outcome, getattr(result, outcome) + 1)
     result.triggers_failed = sum(1 for s in plan.fin_statuses if s == "failed")
     result.triggers_done = len(plan.fin_statuses) - result.triggers_failed
-    for reason in errors.values():
-        kind = reason.split(":")[0]
-        result.failure_kinds[kind] = result.failure_kinds.get(kind, 0) + 1
     result.duration_seconds = round(time.perf_counter() - started, 4)
     log.info(
         "batch %s/%s %s: %s triggers (%s failed), %s recipients: %s delivered, %s skipped, %s rate-limited, "

@@ -35,6 +35,11 @@ from herald.templates import RenderError, Template
 
 log = logging.getLogger(__name__)
 
+
+def _run(conn: psycopg.Connection, name: str, params: dict[str, Any] | None = None) -> psycopg.Cursor:
+    """A per-row query, prepared by psycopg after its fifth run as any per-row code would have it."""
+    return db.run(conn, name, params, prepare=None)
+
 DELIVERED = "delivered"
 SKIPPED_PREFERENCE = "skipped_preference"
 RATE_LIMITED = "rate_limited"
@@ -88,7 +93,7 @@ def run_reference(conn: psycopg.Connection, settings: Settings) -> dict[str, int
     """Process every pending trigger sequentially, then the digest pass; return counts per outcome."""
     counts = dict.fromkeys(COUNT_KEYS, 0)
     with conn.transaction():
-        trigger_ids = [row[0] for row in db.run(conn, "reference_pending_trigger_ids")]
+        trigger_ids = [row[0] for row in _run(conn, "reference_pending_trigger_ids")]
     for trigger_id in trigger_ids:
         with conn.transaction():
             outcomes = process_trigger(conn, trigger_id, settings)
@@ -115,7 +120,7 @@ def process_trigger(
     Returns the outcome of each recipient, the failure that ended the trigger, or None when the
     trigger is no longer pending or someone else holds it.
     """
-    row = db.run(conn, "reference_lock_trigger", {"trigger_id": trigger_id}).fetchone()
+    row = _run(conn, "reference_lock_trigger", {"trigger_id": trigger_id}).fetchone()
     if row is None:
         return None
     trigger = Trigger(*row)
@@ -134,7 +139,7 @@ def process_trigger(
 
 def _message(conn: psycopg.Connection, trigger: Trigger) -> Message:
     """The trigger's rendered title and body; raises TriggerFailed when it cannot be made."""
-    row = db.run(conn, "reference_template", {"trigger_type": trigger.trigger_type}).fetchone()
+    row = _run(conn, "reference_template", {"trigger_type": trigger.trigger_type}).fetchone()
     if row is None:
         raise TriggerFailed(f"unknown trigger_type {trigger.trigger_type!r}: no template")
     if not trigger.direct and (trigger.entity_type is None or trigger.entity_id is None):
@@ -150,18 +155,18 @@ def _message(conn: psycopg.Connection, trigger: Trigger) -> Message:
 def _recipients(conn: psycopg.Connection, trigger: Trigger) -> list[int]:
     """The direct user (who must exist), or everyone who favorited the entity, by ascending id."""
     if trigger.direct:
-        if not db.run(conn, "reference_user_exists", {"user_id": trigger.user_id}).fetchone()[0]:
+        if not _run(conn, "reference_user_exists", {"user_id": trigger.user_id}).fetchone()[0]:
             raise TriggerFailed(f"user {trigger.user_id} does not exist")
         return [trigger.user_id]
     params = {"entity_type": trigger.entity_type, "entity_id": trigger.entity_id}
-    return [row[0] for row in db.run(conn, "reference_favoriters", params)]
+    return [row[0] for row in _run(conn, "reference_favoriters", params)]
 
 
 def _deliver(
     conn: psycopg.Connection, trigger: Trigger, message: Message, user_id: int, settings: Settings
 ) -> str:
     """Decide and record one recipient's outcome."""
-    user = db.run(conn, "reference_user_preference",
+    user = _run(conn, "reference_user_preference",
                   {"user_id": user_id, "notification_type": trigger.trigger_type}).fetchone()
     if user is None:
         return _record_outcome(conn, trigger, user_id, FAILED, f"user {user_id} does not exist")
@@ -170,7 +175,7 @@ def _deliver(
         return _record_outcome(conn, trigger, user_id, SKIPPED_PREFERENCE, None)
     if not trigger.urgent and _recent_count(conn, user_id, settings) >= settings.rate_limit:
         return _record_outcome(conn, trigger, user_id, RATE_LIMITED, RATE_LIMITED_REASON)
-    db.run(conn, "reference_insert_notification", {
+    _run(conn, "reference_insert_notification", {
         "user_id": user_id, "trigger_id": trigger.id, "notification_type": trigger.trigger_type,
         "title": message.title, "body": message.body, "payload": Jsonb(trigger.payload),
         "priority": trigger.priority,
@@ -181,13 +186,13 @@ def _deliver(
 def _recent_count(conn: psycopg.Connection, user_id: int, settings: Settings) -> int:
     """Notifications the user received in the rate-limit window (every kind counts)."""
     params = {"user_id": user_id, "window_seconds": settings.rate_window_seconds}
-    return db.run(conn, "reference_recent_count", params).fetchone()[0]
+    return _run(conn, "reference_recent_count", params).fetchone()[0]
 
 
 def _record_outcome(
     conn: psycopg.Connection, trigger: Trigger, user_id: int, outcome: str, reason: str | None
 ) -> str:
-    db.run(conn, "reference_insert_outcome",
+    _run(conn, "reference_insert_outcome",
            {"trigger_id": trigger.id, "user_id": user_id, "outcome": outcome, "reason": reason})
     return outcome
 
@@ -195,7 +200,7 @@ def _record_outcome(
 def _finish(
     conn: psycopg.Connection, trigger: Trigger, status: str, error: str | None, recipients: int
 ) -> None:
-    db.run(conn, "reference_finish_trigger",
+    _run(conn, "reference_finish_trigger",
            {"trigger_id": trigger.id, "status": status, "error": error, "recipients": recipients})
 
 
@@ -213,7 +218,7 @@ def reference_digests(conn: psycopg.Connection, settings: Settings) -> int:
 def _digest_pass(conn: psycopg.Connection, settings: Settings) -> tuple[int, int]:
     """``(digests sent, outcomes folded into them)``."""
     with conn.transaction():
-        users = [row[0] for row in db.run(conn, "reference_held_users")]
+        users = [row[0] for row in _run(conn, "reference_held_users")]
     sent = folded = 0
     for user_id in users:
         with conn.transaction():
@@ -228,16 +233,16 @@ def _digest_pass(conn: psycopg.Connection, settings: Settings) -> tuple[int, int
 
 def _send_digest(conn: psycopg.Connection, user_id: int, settings: Settings) -> int:
     """Digest one user's held outcomes if they are under the limit; return how many were folded."""
-    held = [row[0] for row in db.run(conn, "reference_held_outcomes", {"user_id": user_id})]
+    held = [row[0] for row in _run(conn, "reference_held_outcomes", {"user_id": user_id})]
     if not held or _recent_count(conn, user_id, settings) >= settings.rate_limit:
         return 0
     through = max(held)
-    digest_id = db.run(conn, "reference_insert_digest", {
+    digest_id = _run(conn, "reference_insert_digest", {
         "user_id": user_id,
         "title": DIGEST_TITLE.format(held=len(held)),
         "body": DIGEST_BODY.format(held=len(held)),
         "payload": Jsonb({"held": len(held), "through_trigger_id": through}),
     }).fetchone()[0]
-    db.run(conn, "reference_mark_digested",
+    _run(conn, "reference_mark_digested",
            {"user_id": user_id, "digest_id": digest_id, "through_trigger_id": through})
     return len(held)

@@ -36,9 +36,8 @@ log = logging.getLogger(__name__)
 
 URL_PREFIX = "/herald"
 WEB_DIR = Path(__file__).resolve().parent / "herald_web"
-#: Same connection ids as herald.config (not imported here: see the module docstring).
+#: Same connection id as herald.config (not imported at module level: see the module docstring).
 POSTGRES_CONN_ID = "notifications_db"
-REDIS_CONN_ID = "notifications_redis"
 #: A page view must never hang on a slow database or Redis.
 STATEMENT_TIMEOUT_MS = 10_000
 REDIS_TIMEOUT_SECONDS = 2.0
@@ -71,19 +70,9 @@ def _connections(with_redis: bool = True) -> Iterator[tuple[Any, Any | None]]:
 
 def _redis_client() -> Any | None:
     """The ``notifications_redis`` client with short timeouts, or None (stats then show no cache ratio)."""
-    try:
-        from airflow.providers.redis.hooks.redis import RedisHook
+    from herald.airflow_tasks import redis_from_hook
 
-        client = RedisHook(redis_conn_id=REDIS_CONN_ID).get_conn()
-    except Exception as exc:  # connection not defined, bad extras: the page works without Redis
-        log.warning("herald: no Redis client for %s: %s", REDIS_CONN_ID, exc)
-        return None
-    # RedisHook sets no timeouts; a Redis that does not answer must not hold the request.
-    kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", None)
-    if kwargs is not None:
-        kwargs.setdefault("socket_connect_timeout", REDIS_TIMEOUT_SECONDS)
-        kwargs.setdefault("socket_timeout", REDIS_TIMEOUT_SECONDS)
-    return client
+    return redis_from_hook(REDIS_TIMEOUT_SECONDS)
 
 
 _settings_cache: tuple[float, Any] | None = None
