@@ -537,7 +537,8 @@ def format_report(report: dict[str, Any]) -> str:
         ("core_seconds", lambda r: seconds(r["core_seconds"]), ""),
         ("reference_seconds", lambda r: seconds(r["reference_seconds"]) if r["reference_seconds"] is not None
          else "skipped", ""),
-        ("core / copy", lambda r: status(r, "core_over_copy", ratio(r["core_over_copy"])), TARGETS["core_over_copy"]["text"]),
+        ("core / copy", lambda r: status(r, "core_over_copy", ratio(r["core_over_copy"])),
+         TARGETS["core_over_copy"]["text"]),
         ("reference / core", lambda r: status(r, "reference_over_core", ratio(r["reference_over_core"])),
          TARGETS["reference_over_core"]["text"]),
         ("core_sql_statements", lambda r: status(r, "core_sql_statements", count(r["core_sql_statements"])),
@@ -557,7 +558,7 @@ def format_report(report: dict[str, Any]) -> str:
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     lines = [head, ""]
     for i, row in enumerate(table):
-        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:-1], widths[1:-1])]
+        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:-1], widths[1:-1], strict=True)]
         cells.append(row[-1].ljust(widths[-1]))
         lines.append("  ".join(cells).rstrip())
         if i == 0:

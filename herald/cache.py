@@ -48,7 +48,7 @@ class RecipientCache:
     def favorites(self, entities: list[Entity]) -> dict[Entity, list[int]]:
         """Cached recipients of the entities found in the cache (misses are left out)."""
         values = self._mget([self.favorites_key(e) for e in entities])
-        found = {e: _decode_ids(v) for e, v in zip(entities, values) if v is not None}
+        found = {e: _decode_ids(v) for e, v in zip(entities, values, strict=True) if v is not None}
         self._count(len(found), len(entities) - len(found))
         return found
 
@@ -58,7 +58,7 @@ class RecipientCache:
         # Most users share one of a few values ("nothing disabled" above all): decode each value once.
         decoded: dict[str, frozenset[str]] = {}
         found: dict[int, frozenset[str]] = {}
-        for u, v in zip(user_ids, values):
+        for u, v in zip(user_ids, values, strict=True):
             if v is not None:
                 disabled = decoded.get(v)
                 if disabled is None:

@@ -52,7 +52,7 @@ def send_digests(
             db.run(conn, "lock_users_for_rate_limit", {"user_ids": users})
             recent = dict(db.run(conn, "recent_notification_counts", window).fetchall())
             allowed = counts_decide(candidates, recent, settings.rate_limit)
-        ready = [p for p, ok in zip(pending, allowed) if ok]
+        ready = [p for p, ok in zip(pending, allowed, strict=True) if ok]
         if not ready:
             return DigestPass()
         digests = db.run(conn, "insert_digests", {

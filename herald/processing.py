@@ -169,7 +169,7 @@ def process_batch(
         maybe_counted = any(t.attempts > 1 for t in triggers)  # claimed before: an earlier run may have counted
         allowed, result.redis_available = _rate_limit(
             conn, limiter_client, candidates, settings, dry_run, attempt, maybe_counted)
-        for (trigger_id, user_id), ok in zip(pending, allowed):
+        for (trigger_id, user_id), ok in zip(pending, allowed, strict=True):
             if ok:
                 plan.notif_triggers.append(trigger_id)
                 plan.notif_users.append(user_id)
@@ -198,7 +198,9 @@ def process_batch(
     return result
 
 
-def _render(triggers: list[_Trigger], templates: dict[str, Template]) -> tuple[dict[int, tuple[str, str]], dict[int, str]]:
+def _render(
+    triggers: list[_Trigger], templates: dict[str, Template]
+) -> tuple[dict[int, tuple[str, str]], dict[int, str]]:
     """Title and body per trigger (not per user: templates see the payload only), or its error."""
     rendered: dict[int, tuple[str, str]] = {}
     errors: dict[int, str] = {}

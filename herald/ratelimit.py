@@ -122,7 +122,7 @@ def redis_decide(
     flags = client.eval(_LUA, len(keys), *keys, *args)
     flags = flags.decode() if isinstance(flags, bytes) else flags
     allowed = [False] * len(candidates)
-    for i, flag in zip(order, flags):
+    for i, flag in zip(order, flags, strict=True):
         allowed[i] = flag == "1"
     return allowed
 

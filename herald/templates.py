@@ -38,7 +38,9 @@ class Template:
         try:
             return _compile(self.title).render(payload), _compile(self.body).render(payload)
         except UndefinedError as exc:
-            raise RenderError(f"payload is missing a field the {self.trigger_type} template needs: {_field(exc)}") from None
+            raise RenderError(
+                f"payload is missing a field the {self.trigger_type} template needs: {_field(exc)}"
+            ) from None
         except TemplateError as exc:
             raise RenderError(f"template for {self.trigger_type} failed: {exc}") from None
         except Exception as exc:  # a template's own arithmetic on this payload (division by zero, types)

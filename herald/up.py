@@ -88,7 +88,7 @@ def main(args: argparse.Namespace) -> int:
             return 0
         print(
             f"\nStarting Airflow: UI at http://127.0.0.1:{UI_PORT}/ (user {ADMIN_USER}, password {password})\n"
-            f"notification_batch runs every two minutes; the herald view is under Browse → Notifications.\n"
+            f"notification_batch runs every two minutes; the queue is the Notifications entry of the navigation bar.\n"
             "Ctrl-C stops Airflow and any embedded PostgreSQL/Redis this command started.\n"
         )
         proc = subprocess.Popen([str(Path(sys.executable).parent / "airflow"), "standalone"], env=env)

@@ -79,7 +79,9 @@ def seed(conn: psycopg.Connection, spec: WorkloadSpec, *, reset: bool = False) -
         conn.execute(
             """
             INSERT INTO user_notification_preferences (user_id, notification_type, enabled)
-            SELECT %(base)s + u, (ARRAY['price_drop', 'back_in_stock', 'event_reminder'])[(u / %(disabled_every)s) %% 3 + 1], false
+            SELECT %(base)s + u,
+                   (ARRAY['price_drop', 'back_in_stock', 'event_reminder'])[(u / %(disabled_every)s) %% 3 + 1],
+                   false
             FROM generate_series(1, %(users)s) u
             WHERE u %% %(disabled_every)s = 0
             """, params)

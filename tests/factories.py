@@ -54,7 +54,7 @@ def add_trigger(
 def trigger(conn: psycopg.Connection, trigger_id: int) -> dict[str, Any]:
     cur = conn.execute("SELECT * FROM notification_triggers WHERE id = %s", (trigger_id,))
     names = [d.name for d in cur.description]
-    return dict(zip(names, cur.fetchone()))
+    return dict(zip(names, cur.fetchone(), strict=True))
 
 
 def notifications_of(conn: psycopg.Connection, trigger_id: int) -> list[int]:

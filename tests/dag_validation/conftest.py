@@ -1,6 +1,6 @@
 """The DAG folder the integrity tests parse. The throwaway Airflow home they run in is set by
-``tests/conftest.py`` before anything imports ``airflow``. No metadata DB is needed: the tests read ``DagBag.dags`` (parsing only), never ``DagBag.get_dag()``,
-which queries the DB.
+``tests/conftest.py`` before anything imports ``airflow``. No metadata DB is needed: the tests read
+``DagBag.dags`` (parsing only), never ``DagBag.get_dag()``, which queries the DB.
 
 ``HERALD_DAG_FOLDER`` points the tests at another folder of DAG files (to check the checks).
 """

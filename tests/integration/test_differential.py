@@ -426,7 +426,7 @@ def test_fast_path_and_reference_agree_on_random_data_sets(pg, redis_client, set
                 ref.append(snapshot(pg))
                 problems += [f"reference, wave 2: {p}" for p in _invariants(pg)]
                 tally["digests sent an hour later"] += later["digests_sent"] > 0
-            for wave, (a, b) in enumerate(zip(fast, ref), start=1):
+            for wave, (a, b) in enumerate(zip(fast, ref, strict=True), start=1):
                 problems += [f"after wave {wave}: {p}" for p in diff(a, b)]
         except Exception as exc:  # one data set's crash is reported with its seed; the others still run
             problems.append(f"raised {type(exc).__name__}: {exc}")

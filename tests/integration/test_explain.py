@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -75,13 +75,14 @@ def _check(conn, name: str, params: dict, index: str) -> None:
 
 
 USERS = list(range(1, 100_001, 97))[:500]
-NOW = datetime.now(timezone.utc)
+NOW = datetime.now(UTC)
 
 CASES = {
     "claim_pending_triggers": ({"claim_id": "c", "limit": 1000, "lease_seconds": 60, "only_urgent": False,
                                 "user_ids": None}, "notification_triggers_pending_idx"),
     "claim_failed_triggers": ({"claim_id": "c", "limit": 1000, "lease_seconds": 60, "only_urgent": False,
-                               "user_ids": None, "start": NOW - timedelta(days=3), "end": NOW - timedelta(days=2, hours=23)},
+                               "user_ids": None, "start": NOW - timedelta(days=3),
+                               "end": NOW - timedelta(days=2, hours=23)},
                               "notification_triggers_failed_idx"),
     "estimate_recipients": ({"entity_types": ["item"] * 200, "entity_ids": list(range(1, 201))},
                             "user_favorites_entity_idx"),

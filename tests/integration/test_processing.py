@@ -82,8 +82,10 @@ def test_payload_text_is_data_never_evaluated(pg, redis_client, settings):
 
 def test_templates_can_be_added_and_overridden_without_code(pg, redis_client, settings):
     f.add_users(pg, [1])
-    pg.execute("INSERT INTO notification_templates VALUES ('order_shipped', 'Shipped: {{ order }}', 'On its way', false)")
-    pg.execute("UPDATE notification_templates SET title_template = 'Cheaper: {{ item_name }}' WHERE trigger_type = 'price_drop'")
+    pg.execute("INSERT INTO notification_templates VALUES"
+               " ('order_shipped', 'Shipped: {{ order }}', 'On its way', false)")
+    pg.execute("UPDATE notification_templates SET title_template = 'Cheaper: {{ item_name }}'"
+               " WHERE trigger_type = 'price_drop'")
     shipped = f.add_trigger(pg, "order_shipped", user_id=1, payload={"order": "A-7"})
     cheaper = f.add_trigger(pg, "price_drop", user_id=1)
     run(pg, redis_client, settings)
