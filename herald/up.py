@@ -16,6 +16,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from herald import db, services, workload
@@ -91,19 +92,36 @@ def main(args: argparse.Namespace) -> int:
             f"notification_batch runs every two minutes; the queue is the Notifications entry of the navigation bar.\n"
             "Ctrl-C stops Airflow and any embedded PostgreSQL/Redis this command started.\n"
         )
-        proc = subprocess.Popen([str(Path(sys.executable).parent / "airflow"), "standalone"], env=env)
-        # Ctrl-C and SIGTERM both stop Airflow first, then (leaving the with block) the embedded servers.
+        # Its own process group: we decide how it stops. Ctrl-C and SIGTERM both stop Airflow first,
+        # then (leaving the with block) the embedded servers.
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "airflow"), "standalone"], env=env,
+                                start_new_session=True)
         signal.signal(signal.SIGINT, _interrupt)
         signal.signal(signal.SIGTERM, _interrupt)
         try:
             return proc.wait()
         except KeyboardInterrupt:
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            _stop_group(proc)
             return 0
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGINT (what standalone handles: it stops its components), then SIGTERM/SIGKILL any leftover."""
+    for sig, grace in ((signal.SIGINT, 60), (signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            continue
+        # standalone is gone; its components may linger briefly in the group
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(2)
 
 
 def _interrupt(signum: int, frame: object) -> None:

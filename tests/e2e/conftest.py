@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import time
 import uuid
@@ -25,7 +24,7 @@ import pytest
 from psycopg.types.json import Jsonb
 
 from herald.config import PROJECT_ROOT, Settings
-from tests.e2e.airflow_procs import AIRFLOW, ARTIFACTS, free_port, notification_connections
+from tests.e2e.airflow_procs import AIRFLOW, ARTIFACTS, free_port, notification_connections, stop_group
 
 STARTUP_TIMEOUT_SECONDS = 180
 ADMIN = "admin"
@@ -62,24 +61,6 @@ class AirflowServer:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """SIGTERM to the server's process group (uvicorn and its workers), SIGKILL if it lingers."""
-    if process.poll() is not None:
-        return
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        process.wait(timeout=10)
 
 
 def _airflow_env(home: Path, db_url: str, redis_url: str, namespace: str) -> dict[str, str]:
@@ -156,7 +137,7 @@ def airflow_server(
             time.sleep(0.5)
         yield server
     finally:
-        _stop(process)
+        stop_group(process)
         shutil.rmtree(home, ignore_errors=True)
 
 
