@@ -29,8 +29,6 @@ import os
 import platform
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -49,6 +47,7 @@ from herald import db, pipeline, services, workload
 from herald.claiming import ClaimRequest
 from herald.config import DAG_ID, POOL_NORMAL, POOL_URGENT, PROJECT_ROOT, Settings
 from herald.instrument import CountingRedis, StatementCounter
+from herald.processes import free_port, stop_process_group
 
 log = logging.getLogger(__name__)
 
@@ -643,7 +642,7 @@ class AirflowBench:
         meta = services.create_database(self.found.database_url, self.meta_db, drop_first=True)
         self.meta_url = meta
         scheme, rest = meta.split("://", 1)
-        port = _free_port()
+        port = free_port()
         conns = services.environment(services.Services(bench_url, self.found.redis_url, "env", "env"))
         env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
         env.update(conns)
@@ -743,8 +742,8 @@ class AirflowBench:
         }
 
     def stop(self) -> None:
-        for name, proc in reversed(list(self.procs.items())):
-            _stop_process_group(name, proc)
+        for proc in reversed(list(self.procs.values())):
+            stop_process_group(proc)
         self.procs.clear()
         if self.keep:
             if self.home:
@@ -764,12 +763,6 @@ def _tally(values: Iterator[Any]) -> dict[str, int]:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _http_ok(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 - our own local server
@@ -778,29 +771,3 @@ def _http_ok(url: str) -> bool:
         return False
 
 
-def _stop_process_group(name: str, proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the process we started, then its session's process group (ours alone) if anything is left."""
-    pgid = proc.pid  # started with start_new_session=True: its own session and process group
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            log.warning("airflow %s (pid %s) did not stop on SIGTERM; killing its process group", name, pgid)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(pgid, 0)
-        except (ProcessLookupError, PermissionError):
-            break
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, sig)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.2)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=5)

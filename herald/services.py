@@ -46,6 +46,7 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 from herald.config import POSTGRES_CONN_ID, PROJECT_ROOT, REDIS_CONN_ID
+from herald.processes import free_port
 
 log = logging.getLogger(__name__)
 
@@ -356,12 +357,6 @@ def _local_redis() -> str | None:
 # Embedded servers
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _process_alive(pid: int, started: float | None = None) -> bool:
     """Whether ``pid`` runs (zombies count as gone); with ``started``, only if it is that process."""
     import psutil
@@ -537,7 +532,7 @@ class _EmbeddedPostgres(_Embedded):
                        "--encoding=UTF8", "--locale=C"], timeout=300)
         last_error: Exception | None = None
         for _attempt in range(3):
-            port = _free_port()
+            port = free_port()
             try:
                 self._run(["pg_ctl", "-D", str(self.pgdata), "-w", "-t", "60", "-l", str(self.logfile),
                            "-o", f"-h 127.0.0.1 -p {port} -k ''", "start"], timeout=90)
@@ -640,7 +635,7 @@ class _EmbeddedValkey(_Embedded):
         started = time.monotonic()
         last_error: Exception | None = None
         for _attempt in range(3):
-            server = ValkeyServer(port=_free_port(), host="127.0.0.1", data_dir=self.rundir)
+            server = ValkeyServer(port=free_port(), host="127.0.0.1", data_dir=self.rundir)
             try:
                 server.start(timeout=30)
             except (ValkeyServerStartupError, OSError) as exc:  # most likely the port was taken

@@ -16,11 +16,11 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from herald import db, services, workload
 from herald.config import PROJECT_ROOT
+from herald.processes import stop_process_group
 
 log = logging.getLogger(__name__)
 
@@ -101,27 +101,9 @@ def main(args: argparse.Namespace) -> int:
         try:
             return proc.wait()
         except KeyboardInterrupt:
-            _stop_group(proc)
+            # standalone stops its components on SIGINT (on SIGTERM it would leave them running)
+            stop_process_group(proc, first=signal.SIGINT, grace=60)
             return 0
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    """SIGINT (what standalone handles: it stops its components), then SIGTERM/SIGKILL any leftover."""
-    for sig, grace in ((signal.SIGINT, 60), (signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            continue
-        # standalone is gone; its components may linger briefly in the group
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(2)
 
 
 def _interrupt(signum: int, frame: object) -> None:

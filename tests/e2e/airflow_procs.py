@@ -15,8 +15,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,15 +29,10 @@ from psycopg.rows import dict_row
 
 from herald import services
 from herald.config import DAG_ID, PROJECT_ROOT
+from herald.processes import free_port, stop_process_group
 
 AIRFLOW = Path(sys.executable).with_name("airflow")
 ARTIFACTS = PROJECT_ROOT / "artifacts" / "e2e"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def notification_connections(db_url: str, redis_url: str) -> dict[str, str]:
@@ -102,28 +95,6 @@ def airflow(*args: str, env: Mapping[str, str], timeout: float = 300, check: boo
     return done
 
 
-def stop_group(process: subprocess.Popen, timeout: float = 20) -> None:
-    """SIGTERM the process group of ``process`` (started with ``start_new_session``), then SIGKILL."""
-    if process.poll() is None:
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pass
-    # The leader may be gone while its children (executor workers, uvicorn workers) are not.
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:  # pragma: no cover - a process that ignores SIGKILL
-        pass
-
-
 @dataclass
 class Proc:
     name: str
@@ -182,7 +153,7 @@ class Cluster:
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
-            stop_group(proc.process)
+            stop_process_group(proc.process, grace=20)
 
     def check_alive(self) -> None:
         for proc in self.procs:

@@ -24,7 +24,8 @@ import pytest
 from psycopg.types.json import Jsonb
 
 from herald.config import PROJECT_ROOT, Settings
-from tests.e2e.airflow_procs import AIRFLOW, ARTIFACTS, free_port, notification_connections, stop_group
+from herald.processes import free_port, stop_process_group
+from tests.e2e.airflow_procs import AIRFLOW, ARTIFACTS, notification_connections
 
 STARTUP_TIMEOUT_SECONDS = 180
 ADMIN = "admin"
@@ -137,7 +138,7 @@ def airflow_server(
             time.sleep(0.5)
         yield server
     finally:
-        stop_group(process)
+        stop_process_group(process, grace=20)
         shutil.rmtree(home, ignore_errors=True)
 
 

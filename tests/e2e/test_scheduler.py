@@ -23,9 +23,10 @@ import redis
 
 from herald import services
 from herald.config import DAG_ID, POOL_NORMAL, POOL_URGENT, QUEUE_URGENT
+from herald.processes import free_port
 from herald.workload import WorkloadSpec, seed
 from tests import factories as f
-from tests.e2e.airflow_procs import ARTIFACTS, Cluster, airflow, airflow_env, cluster_config, free_port
+from tests.e2e.airflow_procs import ARTIFACTS, Cluster, airflow, airflow_env, cluster_config
 
 pytestmark = pytest.mark.slow
 
