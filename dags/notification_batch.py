@@ -9,8 +9,10 @@ send due digests).
 * **Manual run**: use *Trigger DAG* with the form: batch size, max triggers, only urgent, dry run
   (computes and reports, writes no notification), and user ids (support cases).
 * **Retry** any task freely: every write is idempotent, one notification per (trigger, user).
-* **Backfill** re-drives the failed (or never processed) triggers created in each run's interval:
-  `airflow backfill create --dag-id notification_batch --from-date ... --to-date ...`.
+* **Backfill** re-drives the failed (or never processed) triggers created in each run's data
+  interval (the two minutes after its logical date); windows already have scheduled runs, so:
+  `airflow backfill create --dag-id notification_batch --from-date ... --to-date ... --reprocess-behavior completed`.
+* A conf key the DAG does not declare (`{"dryrun": true}`) fails the run at once, naming the key.
 
 Logic lives in the `herald` package; see the project README.
 """
@@ -63,15 +65,17 @@ def _params() -> dict:
 )
 def notification_batch():
     @task(execution_timeout=timedelta(minutes=2))
-    def claim() -> dict[str, list[dict]]:
+    def claim() -> dict:
         context = get_current_context()
         dag_run = context["dag_run"]
+        airflow_tasks.check_conf(dag_run.conf, context["dag"].params.keys())
+        claim_id = airflow_tasks.claim_id_for(dag_run.run_id, dag_run.clear_number)
         interval = (context.get("data_interval_start"), context.get("data_interval_end"))
-        return airflow_tasks.claim(dag_run.run_id, dag_run.run_type, _params(), interval)
+        return airflow_tasks.claim(claim_id, dag_run.run_type, _params(), interval)
 
     # Airflow maps over a task's return value only, so each priority's list gets its own tiny task.
     @task(execution_timeout=timedelta(minutes=1))
-    def batches_of(claimed: dict[str, list[dict]], priority: str) -> list[dict]:
+    def batches_of(claimed: dict, priority: str) -> list[dict]:
         return claimed[priority]
 
     @task(map_index_template="{{ batch_label }}")
@@ -79,10 +83,12 @@ def notification_batch():
         get_current_context()["batch_label"] = batch["label"]
         return airflow_tasks.process(batch, _params())
 
-    @task(trigger_rule="all_done", execution_timeout=timedelta(minutes=2))
-    def finalize(urgent: list[dict] | None, normal: list[dict] | None) -> dict:
-        run_id = get_current_context()["dag_run"].run_id
-        return airflow_tasks.finalize(run_id, [urgent, normal], _params())
+    @task(trigger_rule="all_done", execution_timeout=timedelta(minutes=5))
+    def finalize(claimed: dict | None, urgent: list[dict] | None, normal: list[dict] | None) -> dict:
+        dag_run = get_current_context()["dag_run"]
+        claim_id = (claimed or {}).get("claim_id") or airflow_tasks.claim_id_for(dag_run.run_id,
+                                                                                  dag_run.clear_number)
+        return airflow_tasks.finalize(claim_id, [urgent, normal], _params())
 
     claimed = claim()
     urgent = process.override(
@@ -92,7 +98,7 @@ def notification_batch():
     normal = process.override(task_id="process_normal", pool=POOL_NORMAL).expand(
         batch=batches_of.override(task_id="normal_batches")(claimed, "normal")
     )
-    finished = finalize(urgent, normal)
+    finished = finalize(claimed, urgent, normal)
 
     # finalize runs whatever happened (all_done), so on its own it would mark every run a success.
     # This leaf fails the run when any task failed for good, so operators see it in the UI.

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Sequence
+import signal
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
@@ -24,8 +25,9 @@ from herald.processing import process_batch
 
 log = logging.getLogger(__name__)
 
-#: Test hook: ``HERALD_FAULT_ONCE=<stage>:<marker file>`` makes the first batch attempt that reaches
-#: ``stage`` fail (the marker file records that it did), to show a retry end to end under a scheduler.
+#: Test hook: ``HERALD_FAULT_ONCE=[kill@]<stage>:<marker file>`` makes the first batch attempt that
+#: reaches ``stage`` (see ``processing.Checkpoint``) raise, or with ``kill@`` SIGKILL its own process;
+#: the marker file records that it happened. Shows retries end to end under a real scheduler.
 FAULT_ENV = "HERALD_FAULT_ONCE"
 REDIS_TIMEOUT_SECONDS = 10.0
 
@@ -65,13 +67,36 @@ def redis_from_hook(timeout_seconds: float) -> redis.Redis | None:
     return client
 
 
-def claim_request(run_id: str, run_type: str, params: dict[str, Any],
+def claim_id_for(run_id: str, clear_number: int | None) -> str:
+    """The claim id of one execution of a DAG run: the run id, plus ``#n`` once the run was cleared.
+
+    A cleared run (an operator's clear, or a backfill that reprocesses an existing run) runs again
+    under the same run id; its claims and its ``herald_runs`` record must not be mistaken for the
+    earlier execution's.
+    """
+    return run_id if not clear_number else f"{run_id}#{clear_number}"
+
+
+def check_conf(conf: dict[str, Any] | None, declared: Iterable[str]) -> None:
+    """Refuse a run whose conf has keys the DAG does not declare (``{"dryrun": true}`` must not deliver)."""
+    unknown = sorted(set(conf or {}) - set(declared))
+    if unknown:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        raise AirflowFailException(
+            f"unknown key(s) in the run's conf: {', '.join(map(repr, unknown))}; "
+            f"this DAG takes only {', '.join(sorted(declared))}. Nothing was claimed."
+        )
+
+
+def claim_request(claim_id: str, run_type: str, params: dict[str, Any],
                   interval: tuple[datetime, datetime] | None) -> ClaimRequest:
     """The claim for a DAG run: scheduled, manual (with the trigger form's params) or backfill."""
-    mode = {"backfill": "backfill", "manual": "manual"}.get(str(run_type).lower().split(".")[-1], "scheduled")
+    mode = {"backfill": "backfill", "backfill_job": "backfill", "manual": "manual"}.get(
+        str(run_type).lower().split(".")[-1], "scheduled")
     user_ids = params.get("user_ids") or None
     return ClaimRequest(
-        claim_id=run_id,
+        claim_id=claim_id,
         mode=mode,
         dry_run=bool(params.get("dry_run")),
         only_urgent=bool(params.get("only_urgent")),
@@ -82,14 +107,15 @@ def claim_request(run_id: str, run_type: str, params: dict[str, Any],
     )
 
 
-def claim(run_id: str, run_type: str, params: dict[str, Any],
-          interval: tuple[datetime, datetime] | None) -> dict[str, list[dict[str, Any]]]:
+def claim(claim_id: str, run_type: str, params: dict[str, Any],
+          interval: tuple[datetime, datetime] | None) -> dict[str, Any]:
     settings = Settings.from_airflow()
-    request = claim_request(run_id, run_type, params, interval)
+    request = claim_request(claim_id, run_type, params, interval)
     with connections() as (conn, _):
         batches = claiming.claim(conn, request, settings)
     metrics.claimed(batches)
     return {
+        "claim_id": claim_id,
         "urgent": [b.to_dict() for b in batches if b.priority == "urgent"],
         "normal": [b.to_dict() for b in batches if b.priority != "urgent"],
     }
@@ -104,14 +130,14 @@ def process(batch: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
     return result.to_dict()
 
 
-def finalize(run_id: str, results: Sequence[Any], params: dict[str, Any]) -> dict[str, Any]:
+def finalize(claim_id: str, results: Sequence[Any], params: dict[str, Any]) -> dict[str, Any]:
     settings = Settings.from_airflow()
     # Index by length instead of iterating: iterating Airflow's lazy XCom sequence probes one past the
     # end, which the API server logs as an error ("XCom not found").
     flat = [group[i] for group in results if group for i in range(len(group))]
     flat = [r for r in flat if r]
-    with connections() as (conn, client):
-        summary = pipeline.finalize(conn, client, settings, run_id, flat, dry_run=bool(params.get("dry_run")))
+    with connections() as (conn, _):
+        summary = pipeline.finalize(conn, settings, claim_id, flat, dry_run=bool(params.get("dry_run")))
     metrics.run_finished(summary)
     return summary.to_dict()
 
@@ -128,16 +154,19 @@ def _fault_checkpoint() -> Any:
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return None
-    stage, marker = spec.split(":", 1)
+    where, marker = spec.split(":", 1)
+    action, _, stage = where.rpartition("@")
 
     def checkpoint(reached: str) -> None:
         if reached != stage:
             return
         try:
-            with open(marker, "x") as fh:  # atomic: exactly one attempt fails
+            with open(marker, "x") as fh:  # atomic: exactly one attempt is hit
                 fh.write(reached)
         except FileExistsError:
             return
+        if action == "kill":  # the task process dies on the spot, as under the OOM killer
+            os.kill(os.getpid(), signal.SIGKILL)
         raise RuntimeError(f"injected fault at {stage} (test hook {FAULT_ENV})")
 
     return checkpoint

@@ -21,15 +21,20 @@ log = logging.getLogger(__name__)
 
 Entity = tuple[str, int]
 
+#: Lifetime of the hit/miss counters (``<namespace>:stats:*``), renewed by every batch that counts:
+#: like every herald key, they expire when herald stops writing them.
+STATS_TTL_SECONDS = 7 * 24 * 3600
+
 #: Marks a cached preferences value (a JSON list of disabled types follows); the user exists
 #: (non-existent users are never cached). JSON, not a joined string: a type name may hold a comma.
 _PREF_PREFIX = "u:"
 
 
 class RecipientCache:
-    def __init__(self, client: redis.Redis | None, settings: Settings) -> None:
+    def __init__(self, client: redis.Redis | None, settings: Settings, *, read_only: bool = False) -> None:
         self.client = client
         self.settings = settings
+        self.read_only = read_only  # a dry run reads the cache but writes nothing to it
         self.available = client is not None
         self.hits = 0
         self.misses = 0
@@ -70,7 +75,7 @@ class RecipientCache:
     # ---------------------------------------------------------------------------------------- write
     def store(self, favorites: Mapping[Entity, Iterable[int]], preferences: Mapping[int, Iterable[str]]) -> None:
         """Write what was read from PostgreSQL, and the hit/miss counters, in one round trip."""
-        if not self.available or not (favorites or preferences or self.hits or self.misses):
+        if self.read_only or not self.available or not (favorites or preferences or self.hits or self.misses):
             return
         pipe = self.client.pipeline(transaction=False)
         for entity, users in favorites.items():
@@ -78,10 +83,10 @@ class RecipientCache:
         for user_id, disabled in preferences.items():
             value = _PREF_PREFIX + json.dumps(sorted(disabled))
             pipe.set(self.preferences_key(user_id), value, ex=self.settings.preferences_ttl_seconds)
-        if self.hits:
-            pipe.incrby(self.stats_key("cache_hits"), self.hits)
-        if self.misses:
-            pipe.incrby(self.stats_key("cache_misses"), self.misses)
+        for name, n in (("cache_hits", self.hits), ("cache_misses", self.misses)):
+            if n:
+                pipe.incrby(self.stats_key(name), n)
+                pipe.expire(self.stats_key(name), STATS_TTL_SECONDS)
         try:
             pipe.execute()
         except redis.RedisError as exc:

@@ -71,6 +71,19 @@ def _cmd_stats(args: argparse.Namespace) -> int:
         return 2
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    import psycopg
+
+    from herald import verify
+
+    try:
+        return verify.main(args)
+    except psycopg.errors.UndefinedTable as exc:
+        print(f"herald verify: the notifications database is not migrated ({exc.diag.message_primary}); "
+              "run `herald db migrate` first", file=sys.stderr)
+        return 2
+
+
 def _cmd_up(args: argparse.Namespace) -> int:
     from herald import up
 
@@ -112,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     stats = sub.add_parser("stats", help="the notification queue at a glance")
     stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
     stats.set_defaults(func=_cmd_stats)
+
+    verify = sub.add_parser("verify", help="check the invariants on the live database; exit 1 on a violation")
+    from herald.verify import add_arguments as add_verify_arguments
+
+    add_verify_arguments(verify)
+    verify.set_defaults(func=_cmd_verify)
 
     up = sub.add_parser("up", help="services, migrations, settings, demo data, then `airflow standalone`")
     up.add_argument("--no-airflow", action="store_true", help="prepare everything but do not start Airflow")

@@ -30,6 +30,23 @@ SQL_DIR = Path(os.environ.get("HERALD_SQL_DIR", PROJECT_ROOT / "include" / "sql"
 METRICS_PREFIX = "herald"
 
 
+#: Bounds of each numeric setting, checked whenever settings are made: nonsense is refused with a
+#: message naming the Variable instead of surfacing later as a stuck or empty run.
+#: ``max_batches_per_run`` stays within Airflow's ``[core] max_map_length`` (1024 by default).
+BOUNDS: dict[str, tuple[int, int]] = {
+    "rate_limit": (1, 1_000_000),
+    "rate_window_seconds": (1, 31 * 24 * 3600),
+    "batch_size": (1, 10_000_000),
+    "max_triggers_per_run": (1, 10_000_000),
+    "max_batches_per_run": (1, 1024),
+    "claim_lease_seconds": (1, 7 * 24 * 3600),
+    "max_attempts": (1, 1000),
+    "preferences_ttl_seconds": (1, 7 * 24 * 3600),
+    "favorites_ttl_seconds": (1, 7 * 24 * 3600),
+    "retention_days": (1, 3650),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """Tuning knobs. Each field is an Airflow Variable ``herald_<field>`` (see ``airflow_settings.yaml``)."""
@@ -43,16 +60,29 @@ class Settings:
     max_triggers_per_run: int = 20_000
     #: Upper bound of mapped batches per run, kept well under ``[core] max_map_length`` (1024).
     max_batches_per_run: int = 256
-    #: How long a claim holds before another run may take the trigger over.
+    #: How long a claim holds before another run may take the trigger over. A batch renews the lease
+    #: of its triggers when it starts and holds their rows locked while it works, so the lease only
+    #: has to cover the wait between the claim and the batch's start (the pool queue).
     claim_lease_seconds: int = 900
-    #: A trigger claimed this many times without finishing is failed ("poison" protection).
+    #: A trigger whose processing was started this many times without finishing is failed ("poison").
     max_attempts: int = 5
     preferences_ttl_seconds: int = 300
     favorites_ttl_seconds: int = 180
     #: Redis key prefix; the version part changes whenever the cached value format does.
     cache_namespace: str = "herald:v1"
-    #: Outcome and run records older than this are removed by housekeeping.
+    #: Outcome and run records older than this are removed by housekeeping (held ones never are).
     retention_days: int = 30
+
+    def __post_init__(self) -> None:
+        for name, (low, high) in BOUNDS.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise ValueError(f"Variable {self.variable_name(name)}={value!r}: must be an integer "
+                                 f"from {low:,} to {high:,}")
+        namespace = self.cache_namespace
+        if not namespace or any(c.isspace() for c in namespace) or len(namespace) > 100:
+            raise ValueError(f"Variable {self.variable_name('cache_namespace')}={namespace!r}: must be a "
+                             "non-empty Redis key prefix without spaces, at most 100 characters")
 
     @classmethod
     def variable_name(cls, field: str) -> str:
@@ -93,10 +123,10 @@ class Settings:
 def _cast(field: dataclasses.Field, raw: Any) -> Any:
     kind = {"int": int, "str": str}[field.type if isinstance(field.type, str) else field.type.__name__]
     if kind is int:
-        value = int(raw)
-        if value < 0:
-            raise ValueError("must not be negative")
-        return value
+        try:
+            return int(str(raw).strip())
+        except ValueError:
+            raise ValueError("not an integer") from None
     return str(raw)
 
 

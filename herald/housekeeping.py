@@ -7,7 +7,8 @@ import logging
 import psycopg
 import redis
 
-from herald import db, ratelimit
+from herald import db
+from herald.cache import STATS_TTL_SECONDS
 from herald.config import Settings
 from herald.digests import send_digests
 
@@ -34,22 +35,11 @@ def run(conn: psycopg.Connection, client: redis.Redis | None, settings: Settings
     done["old_outcomes_purged"] = purged
     with conn.transaction():
         done["old_runs_purged"] = db.run(conn, "purge_old_runs", {"retention_days": settings.retention_days}).rowcount
-    digests = send_digests(conn, client, settings)
+    digests = send_digests(conn, settings)
     done["digests_sent"], done["outcomes_digested"] = digests.sent, digests.folded
     done["redis_keys_fixed"] = _expire_orphan_keys(client, settings)
-    done["rate_limit_keys_trimmed"] = _trim_rate_limits(client, settings)
     log.info("housekeeping: %s", done)
     return done
-
-
-def _trim_rate_limits(client: redis.Redis | None, settings: Settings) -> int:
-    if client is None:
-        return 0
-    try:
-        return ratelimit.trim(client, settings)
-    except redis.RedisError as exc:
-        log.warning("Redis unavailable for housekeeping (%s)", type(exc).__name__)
-        return 0
 
 
 def _expire_orphan_keys(client: redis.Redis | None, settings: Settings) -> int:
@@ -57,8 +47,9 @@ def _expire_orphan_keys(client: redis.Redis | None, settings: Settings) -> int:
     if client is None:
         return 0
     fixed = 0
-    ttl_ms = {"rl": settings.rate_window_seconds * 1000, "fav": settings.favorites_ttl_seconds * 1000,
-              "pref": settings.preferences_ttl_seconds * 1000}
+    ttl_ms = {"fav": settings.favorites_ttl_seconds * 1000, "pref": settings.preferences_ttl_seconds * 1000,
+              "stats": STATS_TTL_SECONDS * 1000,
+              "rl": settings.rate_window_seconds * 1000, "attempt": settings.rate_window_seconds * 1000}
     try:
         for kind, ttl in ttl_ms.items():
             for key in client.scan_iter(match=f"{settings.cache_namespace}:{kind}:*", count=1000):

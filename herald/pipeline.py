@@ -48,25 +48,27 @@ def summarise(results: Iterable[dict[str, Any]]) -> dict[str, int]:
 
 def finalize(
     conn: psycopg.Connection,
-    redis_client: redis.Redis | None,
     settings: Settings,
-    run_id: str,
+    claim_id: str,
     results: Iterable[dict[str, Any] | None],
     *,
     dry_run: bool = False,
 ) -> RunSummary:
-    """Release what the run claimed but did not finish, send due digests, record the run."""
+    """Release what the run claimed but did not finish, send due digests, record the run.
+
+    A dry run claimed nothing and sends no digest; only its report in ``herald_runs`` is written.
+    """
     finished = [r for r in results if r]
-    summary = RunSummary(run_id, batches=len(finished), counts=summarise(finished))
-    summary.released = claiming.release(conn, run_id)
+    summary = RunSummary(claim_id, batches=len(finished), counts=summarise(finished))
     if not dry_run:
-        digests = send_digests(conn, redis_client, settings)
+        summary.released = claiming.release(conn, claim_id)
+        digests = send_digests(conn, settings)
         summary.digests = digests.sent
         summary.counts["digested"] = digests.folded  # batches never digest; this pass does
     summary.counts["digests_sent"] = summary.digests
     with conn.transaction():
-        db.run(conn, "finish_run", {"run_id": run_id, "counts": Jsonb(summary.counts)})
-    log.info("run %s: %s", run_id, summary.counts)
+        db.run(conn, "finish_run", {"run_id": claim_id, "counts": Jsonb(summary.counts)})
+    log.info("run %s: %s", claim_id, summary.counts)
     return summary
 
 
@@ -78,6 +80,5 @@ def run_once(
 ) -> tuple[RunSummary, list[BatchResult]]:
     batches: list[Batch] = claiming.claim(conn, request, settings)
     results = [process_batch(conn, redis_client, b, settings, dry_run=request.dry_run) for b in batches]
-    summary = finalize(conn, redis_client, settings, request.claim_id, [r.to_dict() for r in results],
-                       dry_run=request.dry_run)
+    summary = finalize(conn, settings, request.claim_id, [r.to_dict() for r in results], dry_run=request.dry_run)
     return summary, results

@@ -1,20 +1,30 @@
 """The processing core: one claimed batch of triggers in, notifications and outcomes out.
 
 Set-based throughout: whatever the number of triggers and users, a batch costs a fixed handful of SQL
-statements (load triggers, templates, recipients, preferences, recent counts, three writes) and at
-most four Redis round trips (two cache reads, one cache write, one rate-limit script).
+statements (start, load triggers, templates, recipients, preferences, lock, rate state, three writes)
+and at most three Redis round trips (two cache reads, one cache write).
 
 Every recipient of a finished trigger ends with exactly one outcome: ``delivered`` (its row in
 ``notifications``), or a row in ``notification_outcomes`` (``skipped_preference``, ``rate_limited``,
-``failed``). A trigger that cannot be processed at all ends ``failed`` with its reason; the rest of the
-batch goes on. All writes of a batch commit in one transaction, and every write is idempotent, so a
-retried or repeated batch changes nothing that is already there.
+``failed``). A trigger that cannot be processed at all (unknown type, a payload that cannot be decoded
+or rendered, a direct user that does not exist) ends ``failed`` with its reason; the rest of the batch
+goes on.
+
+Ownership: the batch first counts an attempt and renews its triggers' lease (committed at once), then
+works in one transaction that holds its triggers' rows locked from the load to the commit. No other
+run can claim them meanwhile and nothing can release them, so a batch writes only what it owns, and
+every trigger it loaded is ended by it or by nobody (it checks, and rolls back otherwise).
+
+A dry run computes the same batch in a transaction that is always rolled back, and writes nothing,
+not even to the cache.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -26,7 +36,7 @@ from herald import db
 from herald.cache import Entity, RecipientCache
 from herald.claiming import Batch
 from herald.config import Settings
-from herald.ratelimit import Candidate, counts_decide, redis_decide
+from herald.ratelimit import Candidate, counts_decide, lock_users, rate_state
 from herald.templates import RenderError, Template, load_templates
 
 log = logging.getLogger(__name__)
@@ -39,11 +49,19 @@ FAILED = "failed"
 OUTCOMES = (DELIVERED, SKIPPED_PREFERENCE, RATE_LIMITED, DIGESTED, FAILED)
 
 #: Called with a stage name between the steps of a batch; tests inject faults through it.
+#: Stages: ``after_load`` (triggers locked), ``before_limit``, ``before_write``, ``after_write``
+#: (written, not yet committed).
 Checkpoint = Callable[[str], None]
+
+
+class ClaimLost(RuntimeError):
+    """The batch could not end every trigger it loaded: it rolls back and writes nothing."""
 
 
 @dataclass
 class BatchResult:
+    """What one batch wrote (for a dry run: would have written)."""
+
     claim_id: str
     batch: int
     priority: str
@@ -115,78 +133,32 @@ def process_batch(
     dry_run: bool = False,
     checkpoint: Checkpoint | None = None,
 ) -> BatchResult:
-    """Process the triggers ``batch.claim_id`` claimed under ``batch.batch``; see the module doc.
-
-    ``dry_run`` computes everything (rate limit included, without counting) and writes nothing.
-    """
+    """Process the triggers ``batch.claim_id`` claimed under ``batch.batch``; see the module doc."""
     started = time.perf_counter()
     result = BatchResult(batch.claim_id, batch.batch, batch.priority, dry_run=dry_run)
-    cache = RecipientCache(redis_client, settings)
-    with conn.transaction():
-        rows = db.run(conn, "load_batch_triggers", {"claim_id": batch.claim_id, "batch": batch.batch})
-        triggers = [_Trigger(*row) for row in rows]
-        result.triggers = len(triggers)
-        if not triggers:
-            log.info("batch %s/%s: nothing pending (already processed)", batch.claim_id, batch.batch)
+    key = {"claim_id": batch.claim_id, "batch": batch.batch}
+    if not dry_run:
+        with conn.transaction():
+            begun = db.run(conn, "begin_batch", key | {"lease_seconds": settings.claim_lease_seconds}).fetchall()
+        if not begun:
+            log.info("batch %s/%s: nothing pending under this claim (already processed, or taken over "
+                     "by another run after the lease ran out)", batch.claim_id, batch.batch)
             return result
-        templates = load_templates(conn)
-        plan = _Plan()
-        rendered, errors = _render(triggers, templates)
-
-        favorites, preferences = _load_recipients(conn, cache, [t for t in triggers if t.id in rendered])
-        candidates: list[Candidate] = []
-        pending: list[tuple[int, int]] = []  # (trigger_id, user_id) of each candidate
-        for t in triggers:
-            if t.id in errors:
-                plan.finish(t.id, errors[t.id], 0)
-                continue
-            if t.user_id is not None:
-                if t.user_id not in preferences:
-                    plan.finish(t.id, f"user {t.user_id} does not exist", 0)
-                    continue
-                recipients = [t.user_id]
-            else:
-                recipients = favorites.get((t.entity_type, t.entity_id), [])
-            template = templates[t.trigger_type]
-            member, urgent = f"t:{t.id}", t.priority == "urgent"
-            for user_id in recipients:
-                disabled = preferences.get(user_id)
-                if disabled is None:
-                    plan.outcome(t.id, user_id, FAILED, f"user {user_id} does not exist")
-                elif t.trigger_type in disabled and not template.bypass_preferences:
-                    plan.outcome(t.id, user_id, SKIPPED_PREFERENCE)
-                else:
-                    candidates.append(Candidate(user_id, member, urgent))
-                    pending.append((t.id, user_id))
-            plan.finish(t.id, None, len(recipients))
-            result.recipients += len(recipients)
-            plan.msg_triggers.append(t.id)
-            plan.titles.append(rendered[t.id][0])
-            plan.bodies.append(rendered[t.id][1])
-
-        limiter_client = redis_client if cache.available else None  # the cache already found Redis down
-        attempt = f"{batch.claim_id}:{batch.batch}"
-        maybe_counted = any(t.attempts > 1 for t in triggers)  # claimed before: an earlier run may have counted
-        allowed, result.redis_available = _rate_limit(
-            conn, limiter_client, candidates, settings, dry_run, attempt, maybe_counted)
-        for (trigger_id, user_id), ok in zip(pending, allowed, strict=True):
-            if ok:
-                plan.notif_triggers.append(trigger_id)
-                plan.notif_users.append(user_id)
-            else:
-                plan.outcome(trigger_id, user_id, RATE_LIMITED, "over the per-user rate limit")
-        if checkpoint:
-            checkpoint("before_write")
-        if not dry_run:
-            _write(conn, plan, batch.claim_id)
-        if checkpoint:
-            checkpoint("after_write")
-
-    result.delivered = len(plan.notif_users)
-    for outcome in plan.outcomes:
-        setattr(result, outcome, getattr(result, outcome) + 1)
-    result.triggers_failed = sum(1 for s in plan.fin_statuses if s == "failed")
-    result.triggers_done = len(plan.fin_statuses) - result.triggers_failed
+    cache = RecipientCache(redis_client, settings, read_only=dry_run)
+    with conn.transaction():
+        if dry_run:
+            ids = db.run(conn, "dry_run_batch_triggers", {"run_id": batch.claim_id, "batch": batch.batch})
+            db.run(conn, "dry_run_take_batch", key | {"ids": ids.fetchone()[0]})
+        plan = _compute(conn, cache, batch, settings, result, dry_run=dry_run, checkpoint=checkpoint)
+        if plan is not None and not dry_run:
+            _write(conn, plan, batch.claim_id, result)
+            if checkpoint:
+                checkpoint("after_write")
+        elif plan is not None:
+            _count_planned(plan, result)
+        if dry_run:
+            raise psycopg.Rollback()
+    result.redis_available = cache.available
     result.duration_seconds = round(time.perf_counter() - started, 4)
     log.info(
         "batch %s/%s %s: %s triggers (%s failed), %s recipients: %s delivered, %s skipped, %s rate-limited, "
@@ -198,16 +170,102 @@ def process_batch(
     return result
 
 
-def _render(
-    triggers: list[_Trigger], templates: dict[str, Template]
-) -> tuple[dict[int, tuple[str, str]], dict[int, str]]:
-    """Title and body per trigger (not per user: templates see the payload only), or its error."""
-    rendered: dict[int, tuple[str, str]] = {}
+def _compute(
+    conn: psycopg.Connection,
+    cache: RecipientCache,
+    batch: Batch,
+    settings: Settings,
+    result: BatchResult,
+    *,
+    dry_run: bool,
+    checkpoint: Checkpoint | None,
+) -> _Plan | None:
+    """Load, render, fan out, decide: the plan of what to write (inside the batch's transaction)."""
+    rows = db.run(conn, "load_batch_triggers", {"claim_id": batch.claim_id, "batch": batch.batch}).fetchall()
+    if checkpoint:
+        checkpoint("after_load")
+    result.triggers = len(rows)
+    if not rows:
+        log.info("batch %s/%s: nothing pending (already processed)", batch.claim_id, batch.batch)
+        return None
+    triggers, errors = _decode(rows)
+    templates = load_templates(conn)
+    plan = _Plan()
+    rendered = _render([t for t in triggers if t.id not in errors], templates, errors)
+
+    favorites, preferences = _load_recipients(conn, cache, [t for t in triggers if t.id in rendered])
+    candidates: list[Candidate] = []
+    pending: list[tuple[int, int]] = []  # (trigger_id, user_id) of each candidate
+    for t in triggers:
+        if t.id in errors:
+            plan.finish(t.id, errors[t.id], 0)
+            continue
+        if t.user_id is not None:
+            if t.user_id not in preferences:
+                plan.finish(t.id, f"user {t.user_id} does not exist", 0)
+                continue
+            recipients = [t.user_id]
+        else:
+            recipients = favorites.get((t.entity_type, t.entity_id), [])
+        template = templates[t.trigger_type]
+        urgent = t.priority == "urgent"
+        for user_id in recipients:
+            disabled = preferences.get(user_id)
+            if disabled is None:
+                plan.outcome(t.id, user_id, FAILED, f"user {user_id} does not exist")
+            elif t.trigger_type in disabled and not template.bypass_preferences:
+                plan.outcome(t.id, user_id, SKIPPED_PREFERENCE)
+            else:
+                candidates.append(Candidate(user_id, urgent))
+                pending.append((t.id, user_id))
+        plan.finish(t.id, None, len(recipients))
+        result.recipients += len(recipients)
+        plan.msg_triggers.append(t.id)
+        plan.titles.append(rendered[t.id][0])
+        plan.bodies.append(rendered[t.id][1])
+
+    if checkpoint:
+        checkpoint("before_limit")
+    users = sorted({c.user_id for c in candidates})
+    if not dry_run:  # a dry run writes nothing, so it needs no lock against other writers
+        lock_users(conn, users)
+    state = rate_state(conn, users, settings)
+    allowed = counts_decide(candidates, state.recent, settings.rate_limit, state.held)
+    for (trigger_id, user_id), ok in zip(pending, allowed, strict=True):
+        if ok:
+            plan.notif_triggers.append(trigger_id)
+            plan.notif_users.append(user_id)
+        else:
+            plan.outcome(trigger_id, user_id, RATE_LIMITED, "over the per-user rate limit")
+    if checkpoint:
+        checkpoint("before_write")
+    return plan
+
+
+def _decode(rows: list[tuple]) -> tuple[list[_Trigger], dict[int, str]]:
+    """Triggers with their payloads decoded one by one: a payload that cannot be decoded fails alone."""
+    triggers: list[_Trigger] = []
     errors: dict[int, str] = {}
+    for trigger_id, trigger_type, entity_type, entity_id, user_id, priority, payload_text, attempts in rows:
+        try:
+            payload = json.loads(payload_text)
+        except (ValueError, RecursionError) as exc:  # >4,300-digit numbers, nesting deeper than Python's stack
+            payload = None
+            errors[trigger_id] = f"payload cannot be decoded: {type(exc).__name__}: {str(exc)[:200]}"
+        triggers.append(_Trigger(trigger_id, trigger_type, entity_type, entity_id, user_id, priority, payload,
+                                 attempts))
+    return triggers, errors
+
+
+def _render(
+    triggers: list[_Trigger], templates: dict[str, Template], errors: dict[int, str]
+) -> dict[int, tuple[str, str]]:
+    """Title and body per trigger (not per user: templates see the payload only); errors go to ``errors``."""
+    rendered: dict[int, tuple[str, str]] = {}
     for t in triggers:
         template = templates.get(t.trigger_type)
         if template is None:
-            errors[t.id] = f"unknown trigger_type {t.trigger_type!r}: no template"
+            errors[t.id] = f"unknown trigger_type {str(t.trigger_type)[:200]!r}: no template"
         elif t.user_id is None and (t.entity_type is None or t.entity_id is None):
             errors[t.id] = "invalid trigger: neither user_id nor entity_type and entity_id are set"
         else:
@@ -215,7 +273,7 @@ def _render(
                 rendered[t.id] = template.render(t.payload)
             except RenderError as exc:
                 errors[t.id] = str(exc)
-    return rendered, errors
+    return rendered
 
 
 def _load_recipients(
@@ -247,46 +305,37 @@ def _load_recipients(
     return favorites, preferences
 
 
-def _rate_limit(
-    conn: psycopg.Connection,
-    client: redis.Redis | None,
-    candidates: list[Candidate],
-    settings: Settings,
-    dry_run: bool,
-    attempt: str,
-    maybe_counted: bool,
-) -> tuple[list[bool], bool]:
-    """Allowed flag per candidate, and whether Redis decided (False: PostgreSQL fallback)."""
-    if not candidates:
-        return [], client is not None
-    users = sorted({c.user_id for c in candidates})
-    window = {"user_ids": users, "window_seconds": settings.rate_window_seconds}
-    if client is not None:
-        floors = dict(db.run(conn, "recent_notification_counts", window).fetchall())
-        try:
-            return redis_decide(client, candidates, floors, settings, dry_run=dry_run, attempt=attempt,
-                                maybe_counted=maybe_counted), True
-        except redis.RedisError as exc:
-            log.warning("Redis rate limiter unavailable (%s); enforcing the limit from PostgreSQL",
-                        type(exc).__name__)
-    # Fallback: lock the batch's users until commit so concurrent batches cannot both spend a budget.
-    db.run(conn, "lock_users_for_rate_limit", {"user_ids": users})
-    recent = dict(db.run(conn, "recent_notification_counts", window).fetchall())
-    return counts_decide(candidates, recent, settings.rate_limit), False
-
-
-def _write(conn: psycopg.Connection, plan: _Plan, claim_id: str) -> None:
+def _write(conn: psycopg.Connection, plan: _Plan, claim_id: str, result: BatchResult) -> None:
+    """Write the plan and count what was written; roll back if any loaded trigger could not be ended."""
     if plan.notif_users:
-        db.run(conn, "insert_notifications", {
+        result.delivered = db.run(conn, "insert_notifications", {
             "trigger_ids": plan.notif_triggers, "user_ids": plan.notif_users,
             "msg_trigger_ids": plan.msg_triggers, "titles": plan.titles, "bodies": plan.bodies,
-        })
+        }).rowcount
+        if result.delivered != len(plan.notif_users):
+            log.warning("batch of %s: %s of %s notifications existed already", claim_id,
+                        len(plan.notif_users) - result.delivered, len(plan.notif_users))
     if plan.out_users:
-        db.run(conn, "insert_outcomes", {
+        written = Counter(row[0] for row in db.run(conn, "insert_outcomes", {
             "trigger_ids": plan.out_triggers, "user_ids": plan.out_users,
             "outcomes": plan.outcomes, "reasons": plan.reasons,
-        })
-    db.run(conn, "finish_triggers", {
+        }))
+        for outcome, n in written.items():
+            setattr(result, outcome, n)
+    ended = Counter(row[0] for row in db.run(conn, "finish_triggers", {
         "claim_id": claim_id, "ids": plan.fin_ids, "statuses": plan.fin_statuses,
         "errors": plan.fin_errors, "recipients": plan.fin_recipients,
-    })
+    }))
+    if sum(ended.values()) != len(plan.fin_ids):
+        raise ClaimLost(f"run {claim_id} could end only {sum(ended.values())} of the {len(plan.fin_ids)} "
+                        "triggers it loaded; nothing of this batch was written")
+    result.triggers_done, result.triggers_failed = ended["done"], ended["failed"]
+
+
+def _count_planned(plan: _Plan, result: BatchResult) -> None:
+    """A dry run's figures: what the plan would write."""
+    result.delivered = len(plan.notif_users)
+    for outcome, n in Counter(plan.outcomes).items():
+        setattr(result, outcome, n)
+    result.triggers_failed = plan.fin_statuses.count("failed")
+    result.triggers_done = len(plan.fin_statuses) - result.triggers_failed

@@ -12,8 +12,9 @@ differential test compares two separate readings of the same business rules:
   template cannot render, a direct user that does not exist) ends ``failed`` with its reason.
 - Per recipient, exactly one outcome: ``failed`` (the favoriter does not exist), ``skipped_preference``
   (the type is disabled and the template does not bypass preferences), ``delivered`` (urgent, or the
-  user got fewer than ``rate_limit`` notifications in the window, digests and urgent ones included),
-  else ``rate_limited``, later folded into one digest once the user is under the limit again.
+  user got fewer than ``rate_limit`` notifications in the window, digests and urgent ones included,
+  and is not owed a digest), else ``rate_limited``, later folded into one digest once the user is
+  under the limit again.
 - Urgent triggers first, then normal ones, each by ascending id; recipients by ascending user id.
 
 The rate limit is counted from PostgreSQL only. Triggers are not claimed: pending triggers are
@@ -173,7 +174,8 @@ def _deliver(
     enabled = user[1] is not False  # no preference row: enabled
     if not enabled and not message.bypass_preferences:
         return _record_outcome(conn, trigger, user_id, SKIPPED_PREFERENCE, None)
-    if not trigger.urgent and _recent_count(conn, user_id, settings) >= settings.rate_limit:
+    if not trigger.urgent and (_owed_digest(conn, user_id)
+                               or _recent_count(conn, user_id, settings) >= settings.rate_limit):
         return _record_outcome(conn, trigger, user_id, RATE_LIMITED, RATE_LIMITED_REASON)
     _run(conn, "reference_insert_notification", {
         "user_id": user_id, "trigger_id": trigger.id, "notification_type": trigger.trigger_type,
@@ -187,6 +189,11 @@ def _recent_count(conn: psycopg.Connection, user_id: int, settings: Settings) ->
     """Notifications the user received in the rate-limit window (every kind counts)."""
     params = {"user_id": user_id, "window_seconds": settings.rate_window_seconds}
     return _run(conn, "reference_recent_count", params).fetchone()[0]
+
+
+def _owed_digest(conn: psycopg.Connection, user_id: int) -> bool:
+    """Whether held notifications wait for the user's digest (which then comes first)."""
+    return _run(conn, "reference_user_held", {"user_id": user_id}).fetchone()[0]
 
 
 def _record_outcome(

@@ -20,6 +20,12 @@ from herald import db
 _ENV = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=False)
 
 
+#: Longest title and body a notification may have: a payload that renders longer fails its trigger
+#: with a reason instead of writing megabytes into every recipient's inbox.
+MAX_TITLE_CHARS = 1_000
+MAX_BODY_CHARS = 10_000
+
+
 class RenderError(ValueError):
     """A trigger whose notification cannot be rendered; the message is the trigger's ``last_error``."""
 
@@ -36,7 +42,7 @@ class Template:
         if not isinstance(payload, Mapping):
             raise RenderError(f"payload must be a JSON object, got {type(payload).__name__}")
         try:
-            return _compile(self.title).render(payload), _compile(self.body).render(payload)
+            title, body = _compile(self.title).render(payload), _compile(self.body).render(payload)
         except UndefinedError as exc:
             raise RenderError(
                 f"payload is missing a field the {self.trigger_type} template needs: {_field(exc)}"
@@ -45,8 +51,12 @@ class Template:
             raise RenderError(f"template for {self.trigger_type} failed: {exc}") from None
         except Exception as exc:  # a template's own arithmetic on this payload (division by zero, types)
             raise RenderError(
-                f"template for {self.trigger_type} failed on this payload: {type(exc).__name__}: {exc}"
+                f"template for {self.trigger_type} failed on this payload: {type(exc).__name__}: {str(exc)[:200]}"
             ) from None
+        for part, text, limit in (("title", title, MAX_TITLE_CHARS), ("body", body, MAX_BODY_CHARS)):
+            if len(text) > limit:
+                raise RenderError(f"rendered {part} is {len(text):,} characters, more than the {limit:,} allowed")
+        return title, body
 
 
 def _field(exc: UndefinedError) -> str:

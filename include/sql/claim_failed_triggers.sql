@@ -1,6 +1,7 @@
 -- Backfill: re-drive the triggers created in [%(start)s, %(end)s) that ended 'failed' or were never
--- processed, for run %(claim_id)s. They go back to 'pending' under this run's claim; whatever they
--- already delivered stays (notifications are unique per (trigger_id, user_id)).
+-- processed, for run %(claim_id)s. They go back to 'pending' under this run's claim with a fresh count
+-- of attempts (the operator asked for another try); a failed trigger has no outcome rows (it failed as
+-- a whole), and notifications are unique per (trigger_id, user_id), so nothing can be duplicated.
 -- Indexes: notification_triggers_failed_idx (created_at) WHERE status = 'failed', and
 -- notification_triggers_pending_idx for the pending ones.
 WITH picked AS (
@@ -23,7 +24,7 @@ SET status = 'pending',
     claim_batch = NULL,
     claimed_at = now(),
     claim_expires_at = now() + make_interval(secs => %(lease_seconds)s),
-    attempts = 1
+    attempts = 0
 FROM picked
 WHERE t.id = picked.id
 RETURNING t.id, t.priority, t.user_id, t.entity_type, t.entity_id, t.attempts

@@ -1,5 +1,6 @@
--- End a batch's triggers 'done' or 'failed' (with the reason), only while this run still holds them.
--- Index: primary key.
+-- End a batch's triggers 'done' or 'failed' (with the reason), only while this run still holds them
+-- (it does: load_batch_triggers.sql locked them; the batch checks that every one was ended and rolls
+-- back otherwise). Index: primary key.
 UPDATE notification_triggers t
 SET status = f.status,
     last_error = f.error,
@@ -9,3 +10,4 @@ SET status = f.status,
 FROM unnest(%(ids)s::bigint[], %(statuses)s::text[], %(errors)s::text[], %(recipients)s::int[])
      AS f(id, status, error, recipients)
 WHERE t.id = f.id AND t.claimed_by = %(claim_id)s AND t.status = 'pending'
+RETURNING t.status

@@ -1,4 +1,6 @@
--- Fold the rate-limited outcomes into their user's digest. Index: undigested_idx.
+-- Fold the rate-limited outcomes into their user's digest (the ones pending_digests.sql counted, under
+-- the same locks); the caller checks that the row count equals the digests' "N more updates".
+-- Index: undigested_idx.
 UPDATE notification_outcomes o
 SET outcome = 'digested', digest_id = d.digest_id
 FROM unnest(%(user_ids)s::bigint[], %(digest_ids)s::bigint[], %(last_trigger_ids)s::bigint[])

@@ -62,7 +62,7 @@ def test_expired_claim_is_reclaimed_but_a_live_one_is_not(pg, settings):
     batches = claiming.claim(pg, ClaimRequest("late-run"), settings)
     assert sum(b.triggers for b in batches) == 1
     assert _claimed_ids(pg, "late-run") == {ids[0]}
-    assert f.trigger(pg, ids[0])["attempts"] == 2
+    assert f.trigger(pg, ids[0])["attempts"] == 0  # claimed twice, never processed: no attempt
 
 
 def test_urgent_first_and_batches_by_recipients(pg, settings):
@@ -102,15 +102,61 @@ def test_retried_claim_returns_the_same_batches(pg, settings):
     assert len(_claimed_ids(pg, "run")) == 10  # the late trigger was not taken by the retry
 
 
-def test_poison_trigger_fails_after_max_attempts(pg, settings):
-    (poison,) = _load_pending(pg, 1)
-    settings = dataclasses.replace(settings, max_attempts=2)
-    for attempt in range(2):
-        claiming.claim(pg, ClaimRequest(f"crashing-run-{attempt}"), settings)
-        pg.execute("UPDATE notification_triggers SET claim_expires_at = now() - interval '1 second'")
+class Crash(BaseException):
+    """The batch's process dying mid-work (not an Exception: nothing on the way catches it)."""
+
+
+def _crash(stage: str) -> None:
+    if stage == "before_write":
+        raise Crash
+
+
+def test_poison_trigger_fails_after_max_attempts_and_innocents_are_isolated_from_it(pg, redis_client, settings):
+    """A batch that crashes on every attempt: each start counts, the triggers become suspects with
+    batches of their own, and only the one that keeps crashing is failed after max_attempts."""
+    from herald.processing import process_batch
+
+    poison, innocent = _load_pending(pg, 2)
+    settings = dataclasses.replace(settings, max_attempts=3)
+
+    for attempt in range(3):
+        batches = claiming.claim(pg, ClaimRequest(f"run-{attempt}"), settings)
+        for batch in batches:
+            ids = {r[0] for r in pg.execute(
+                "SELECT id FROM notification_triggers WHERE claimed_by = %s AND claim_batch = %s",
+                (batch.claim_id, batch.batch))}
+            try:
+                process_batch(pg, redis_client, batch, settings, checkpoint=_crash if poison in ids else None)
+            except Crash:
+                pass
+        claiming.release(pg, f"run-{attempt}")  # what finalize does for a batch that failed for good
+        # The first run has both in one batch; from then on each is a suspect in a batch of its own.
+        assert [b.triggers for b in batches] == [[2], [1, 1], [1]][attempt]
+    assert f.trigger(pg, innocent)["status"] == "done"  # delivered on its own in the second run
+    assert f.trigger(pg, poison)["attempts"] == 3
     assert claiming.claim(pg, ClaimRequest("next-run"), settings) == []
     row = f.trigger(pg, poison)
-    assert row["status"] == "failed" and "gave up after 2 attempts" in row["last_error"]
+    assert row["status"] == "failed" and "gave up after 3 attempts" in row["last_error"]
+
+
+def test_released_and_dry_claims_are_not_attempts(pg, redis_client, settings):
+    """A deep backlog (triggers released because the slice is full) and repeated dry runs never turn
+    good triggers into poison: only a processing start counts."""
+    from herald import pipeline
+
+    ids = _load_pending(pg, 30)
+    settings = dataclasses.replace(settings, max_attempts=2, max_batches_per_run=2)
+    for n in range(5):
+        pipeline.run_once(pg, redis_client, settings, ClaimRequest(f"dry-{n}", dry_run=True, batch_size=1))
+    assert {f.trigger(pg, i)["attempts"] for i in ids} == {0}
+    runs = 0
+    while pg.execute("SELECT count(*) FROM notification_triggers WHERE status = 'pending'").fetchone()[0]:
+        pipeline.run_once(pg, redis_client, settings, ClaimRequest(f"run-{runs}", batch_size=1))
+        runs += 1
+        assert runs <= 15
+    assert runs == 15  # two triggers a run, each released 0..14 times before its turn
+    assert dict(pg.execute("SELECT status, count(*) FROM notification_triggers GROUP BY 1").fetchall()) == {"done": 30}
+    assert {f.trigger(pg, i)["attempts"] for i in ids} == {1}
 
 
 def test_user_filter_and_only_urgent(pg, settings):

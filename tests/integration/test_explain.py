@@ -35,6 +35,7 @@ def big(found_services) -> Iterator:
                    now() - (g % 2880) * interval '1 minute',
                    CASE WHEN g % 4 = 0 THEN NULL ELSE now() END
             FROM generate_series(1, 500000) g
+            ORDER BY g % 2880 DESC, g  -- rows arrive in created_at order, as they do in production
             """
         )
         conn.execute(
@@ -44,6 +45,7 @@ def big(found_services) -> Iterator:
                                                        ELSE 'skipped_preference' END,
                    now() - (g % 2880) * interval '1 minute'
             FROM generate_series(1, 200000) g
+            ORDER BY g % 2880 DESC, g
             ON CONFLICT DO NOTHING
             """
         )
@@ -90,12 +92,29 @@ CASES = {
     "fanout_recipients": ({"entity_types": ["item"] * 200, "entity_ids": list(range(1, 201))},
                           "user_favorites_entity_idx"),
     "user_preferences": ({"user_ids": USERS}, "users_pkey"),
-    "recent_notification_counts": ({"user_ids": USERS, "window_seconds": 3600}, "notifications_user_created_idx"),
+    "user_rate_state": ({"user_ids": USERS, "window_seconds": 3600}, "notifications_user_created_idx"),
     "inbox_latest": ({"user_id": 4242, "limit": 20, "before_created_at": None, "before_id": None},
                      "notifications_user_created_idx"),
     "inbox_unread_count": ({"user_id": 4242}, "notifications_unread_idx"),
-    "pending_digests": ({"limit": 1000}, "notification_outcomes_undigested_idx"),
+    "pending_digests": ({"user_ids": USERS}, "notification_outcomes_undigested_idx"),
+    "users_owed_digest": ({"after": 0, "limit": 5000}, "notification_outcomes_undigested_idx"),
+    "begin_batch": ({"claim_id": "run-x", "batch": 3, "lease_seconds": 60}, "notification_triggers_claim_idx"),
+    "verify/trigger_outcome_counts": ({"since": NOW - timedelta(hours=1), "retention_days": 30, "limit": 101},
+                                      "notification_triggers_processed_idx"),
+    "verify/duplicate_outcomes": ({"since": NOW - timedelta(minutes=10), "limit": 101},
+                                  "notification_outcomes_created_idx"),
+    "verify/users_over_limit": ({"since": NOW - timedelta(hours=1), "window_seconds": 3600, "rate_limit": 20,
+                                 "limit": 101}, "notifications_created_brin"),
+    "verify/held_undigested": ({"window_seconds": 3600, "grace_seconds": 900, "rate_limit": 20, "limit": 101},
+                               "notification_outcomes_undigested_idx"),
+    "verify/expired_claims": ({"grace_seconds": 600, "limit": 101}, "notification_triggers_pending_idx"),
 }
+
+
+@pytest.mark.slow
+def test_rate_state_reads_held_outcomes_through_the_partial_index(big):
+    nodes = list(_nodes(_plan(big, "user_rate_state", {"user_ids": USERS, "window_seconds": 3600})))
+    assert "notification_outcomes_undigested_idx" in {n.get("Index Name") for n in nodes}
 
 
 @pytest.mark.slow

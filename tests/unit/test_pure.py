@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from herald.claiming import Batch, plan_batches
+from herald.claiming import Batch, Claimed, plan_batches
 from herald.config import Settings, defaults
 from herald.ratelimit import Candidate, counts_decide
 from herald.templates import RenderError, Template
 
 
 def test_plan_batches_urgent_first_bounded_and_leftover():
-    claimed = [(1, "normal", 5), (2, "urgent", 3), (3, "normal", 5), (4, "normal", 12), (5, "normal", 0)]
+    claimed = [Claimed(1, "normal", 5), Claimed(2, "urgent", 3), Claimed(3, "normal", 5),
+               Claimed(4, "normal", 12), Claimed(5, "normal", 0)]
     batches, priorities, sizes, leftover = plan_batches(claimed, batch_size=10, max_batches=3)
     assert batches == [[2], [1, 3], [4]]
     assert priorities == ["urgent", "normal", "normal"]
@@ -20,8 +21,18 @@ def test_plan_batches_urgent_first_bounded_and_leftover():
 
 
 def test_plan_batches_counts_a_trigger_without_recipients_as_one():
-    batches, _, sizes, _ = plan_batches([(1, "normal", 0), (2, "normal", 0)], batch_size=1, max_batches=10)
+    batches, _, sizes, _ = plan_batches([Claimed(1, "normal", 0), Claimed(2, "normal", 0)], batch_size=1,
+                                        max_batches=10)
     assert batches == [[1], [2]] and sizes == [1, 1]
+
+
+def test_plan_batches_isolates_suspects_and_bounds_them():
+    """A trigger whose processing started before and never finished gets a batch of its own (at most
+    ``max_suspects`` of them per run), so a poison one cannot take innocents down with it again."""
+    claimed = [Claimed(i, "normal", 2, suspect=i in (2, 3, 4)) for i in range(1, 7)]
+    batches, _, _, leftover = plan_batches(claimed, batch_size=100, max_batches=10, max_suspects=2)
+    assert batches == [[1], [2], [3], [5, 6]]  # still in id order: batches run in this order
+    assert leftover == [4]
 
 
 def test_batch_round_trips_through_xcom_dict():
@@ -31,8 +42,13 @@ def test_batch_round_trips_through_xcom_dict():
 
 
 def test_counts_decide_limit_and_urgent():
-    cands = [Candidate(1, f"t:{i}", False) for i in range(4)] + [Candidate(1, "t:9", True), Candidate(2, "t:1", False)]
+    cands = [Candidate(1, False) for _ in range(4)] + [Candidate(1, True), Candidate(2, False)]
     assert counts_decide(cands, {1: 1, 2: 3}, limit=3) == [True, True, False, False, True, False]
+
+
+def test_counts_decide_a_user_owed_a_digest_gets_no_new_normal_one_before_it():
+    cands = [Candidate(1, False), Candidate(2, False), Candidate(1, True)]
+    assert counts_decide(cands, {}, limit=3, held={1}) == [False, True, True]
 
 
 def test_template_renders_payload_as_data():
@@ -62,3 +78,17 @@ def test_settings_from_env_and_bad_values():
     with pytest.raises(ValueError, match="herald_batch_size"):
         Settings.from_env({"HERALD_BATCH_SIZE": "lots"})
     assert defaults()["herald_rate_limit"] == 20
+
+
+@pytest.mark.parametrize(("variable", "value"), [
+    ("HERALD_MAX_BATCHES_PER_RUN", "0"),
+    ("HERALD_MAX_BATCHES_PER_RUN", "5000"),  # over Airflow's max_map_length
+    ("HERALD_RATE_WINDOW_SECONDS", "0"),
+    ("HERALD_RATE_LIMIT", "-1"),
+    ("HERALD_BATCH_SIZE", "0"),
+    ("HERALD_CLAIM_LEASE_SECONDS", "0"),
+    ("HERALD_CACHE_NAMESPACE", "has space"),
+])
+def test_settings_refuse_nonsense_naming_the_variable(variable, value):
+    with pytest.raises(ValueError, match=variable.lower()):
+        Settings.from_env({variable: value})
