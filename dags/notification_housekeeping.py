@@ -2,8 +2,10 @@
 ### notification_housekeeping
 
 Hourly: clear expired claims, fail triggers that exhausted their attempts, purge outcome and run
-records older than the retention period (Variable `herald_retention_days`), send digests that came
-due, and give a TTL to any herald Redis key that lost one.
+records older than the retention period (Variable `herald_retention_days`; held notifications are
+never purged), send digests that came due, give a TTL to any herald Redis key that lost one, and run
+`herald verify` over the last two hours (violations are logged as errors and set the gauge
+`herald.verify.violations`).
 """
 
 from __future__ import annotations

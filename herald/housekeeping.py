@@ -1,7 +1,8 @@
-"""Housekeeping: expired claims, old outcome and run records, Redis keys, and late digests."""
+"""Housekeeping: expired claims, old outcome and run records, Redis keys, late digests, and ``herald verify``."""
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 
 import psycopg
@@ -11,10 +12,14 @@ from herald import db
 from herald.cache import STATS_TTL_SECONDS
 from herald.config import Settings
 from herald.digests import send_digests
+from herald.verify import verify
 
 log = logging.getLogger(__name__)
 
 PURGE_CHUNK = 50_000
+#: What each (hourly) housekeeping pass checks with ``herald verify``: the last two hours, so that
+#: consecutive passes overlap.
+VERIFY_LOOKBACK = dt.timedelta(hours=2)
 
 
 def run(conn: psycopg.Connection, client: redis.Redis | None, settings: Settings) -> dict[str, int]:
@@ -38,7 +43,12 @@ def run(conn: psycopg.Connection, client: redis.Redis | None, settings: Settings
     digests = send_digests(conn, settings)
     done["digests_sent"], done["outcomes_digested"] = digests.sent, digests.folded
     done["redis_keys_fixed"] = _expire_orphan_keys(client, settings)
-    log.info("housekeeping: %s", done)
+    report = verify(conn, settings, since=dt.datetime.now(dt.UTC) - VERIFY_LOOKBACK)
+    done["verify_violations"] = len(report.violations)
+    if report.ok:
+        log.info("housekeeping: %s", done)
+    else:
+        log.error("housekeeping: %s\n%s", done, report.describe())
     return done
 
 

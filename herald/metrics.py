@@ -55,3 +55,8 @@ def run_finished(summary: RunSummary) -> None:
     stats = _stats()
     stats.incr(_name("digests", "sent"), summary.digests)
     stats.incr(_name("claims", "released"), summary.released)
+
+
+def verified(violations: int) -> None:
+    """What housekeeping's ``herald verify`` found (0 on a healthy system)."""
+    _stats().gauge(_name("verify", "violations"), violations)

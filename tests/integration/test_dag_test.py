@@ -33,11 +33,11 @@ def dags_test(airflow_home: Path, db_url: str, redis_url: str, settings, redis_c
     """``airflow dags test notification_batch [-c conf]``, with this test's Redis namespace."""
     env = airflow_env(airflow_home, db_url=db_url, redis_url=redis_url, namespace=settings.cache_namespace)
 
-    def run(conf: dict | None = None):
+    def run(conf: dict | None = None, check: bool = True):
         args = ["dags", "test", DAG_ID]
         if conf is not None:
             args += ["-c", json.dumps(conf)]
-        return airflow(*args, env=env, timeout=600)
+        return airflow(*args, env=env, timeout=600, check=check)
 
     return run
 
@@ -83,9 +83,16 @@ def test_dags_test_delivers_every_trigger_exactly_once(pg, dags_test, airflow_ho
             " ON (f.entity_type, f.entity_id) = (t.entity_type, t.entity_id)")
     assert recipients == expected_recipients > 5000
     assert sum(outcomes.values()) == recipients
-    skipped = recipients - outcomes["delivered"]
-    assert notifications == outcomes["delivered"] == recipients - skipped
-    assert outcomes["skipped_preference"] > 0
+    assert notifications == outcomes["delivered"]
+    # Exactly the favoriters who had not disabled the trigger's type were delivered (no rate limit
+    # here: W1-shaped data gives nobody more than 20 in the run), and everyone else was skipped.
+    enabled = scalar(
+        pg, "SELECT count(*) FROM notification_triggers t JOIN user_favorites f"
+            " ON (f.entity_type, f.entity_id) = (t.entity_type, t.entity_id)"
+            " WHERE NOT EXISTS (SELECT 1 FROM user_notification_preferences p WHERE p.user_id = f.user_id"
+            "                   AND p.notification_type = t.trigger_type AND NOT p.enabled)")
+    assert outcomes["delivered"] == enabled
+    assert outcomes["skipped_preference"] == recipients - enabled > 0
     # Per trigger too: its recipient_count is the number of its outcomes.
     assert scalar(
         pg, "SELECT count(*) FROM notification_triggers t WHERE t.recipient_count <>"
@@ -139,6 +146,7 @@ def test_dags_test_dry_run_writes_nothing(pg, dags_test, airflow_home):
         assert row["status"] == "pending", row
         assert row["claimed_by"] is None and row["claim_expires_at"] is None, row
         assert row["processed_at"] is None and row["last_error"] is None, row
+        assert row["attempts"] == 0, row
     # The run computed what it would have done, and says it was a dry run.
     run_id = airflow_runs(airflow_home)[-1][0]
     dry_run, counts = pg.execute(
@@ -148,3 +156,16 @@ def test_dags_test_dry_run_writes_nothing(pg, dags_test, airflow_home):
     assert counts["delivered"] == 10  # 9 favoriters (one disabled the type) + the security alert
     assert counts["skipped_preference"] == 1
     assert counts["triggers_failed"] == 1
+
+
+def test_a_conf_key_the_dag_does_not_declare_fails_the_run_at_once(pg, dags_test, airflow_home):
+    """``{"dryrun": true}`` (a typo of dry_run) must not deliver for real: the run fails, naming the key."""
+    f.add_users(pg, [1])
+    t = f.add_trigger(pg, "back_in_stock", user_id=1, payload={"item_name": "x"})
+    done = dags_test({"dryrun": True}, check=False)
+    assert done.returncode != 0
+    assert "unknown key(s) in the run's conf: 'dryrun'" in done.stdout + done.stderr
+    assert airflow_runs(airflow_home)[-1][2] == "failed"
+    row = f.trigger(pg, t)
+    assert (row["status"], row["claimed_by"], row["attempts"]) == ("pending", None, 0)
+    assert scalar(pg, "SELECT count(*) FROM notifications") == 0

@@ -282,3 +282,42 @@ def test_run_that_died_is_taken_over_once_its_lease_ran_out(pg, redis_client, se
     assert row["claimed_by"] == "next-run" and row["attempts"] == 2
     # The dead run's batch, if it ever came back, finds nothing of its own.
     assert process_batch(pg, redis_client, batch, settings).triggers == 0
+
+
+def test_undecodable_payloads_fail_alone_and_the_batch_goes_on(pg, redis_client, settings):
+    """Defect 3: payloads PostgreSQL accepts but Python cannot decode (a 5,000-digit number, nesting
+    deeper than Python's stack) or render into a sane notification (a 1 MB title) fail their own
+    trigger with a reason; the innocents of the same batch are delivered."""
+    f.add_users(pg, [1, 2])
+    f.add_favorites(pg, [1, 2], "item", 1)
+    innocent = f.add_trigger(pg, "back_in_stock", entity=("item", 1), payload={"item_name": "Lamp"})
+    poisons = {}
+    for name, payload_sql in {
+        "huge number": "('{\"item_name\": ' || repeat('9', 5000) || '}')::jsonb",
+        "deep nesting": "('{\"item_name\": ' || repeat('[', 5000) || repeat(']', 5000) || '}')::jsonb",
+        "huge title": "jsonb_build_object('item_name', repeat('x', 1000000))",
+    }.items():
+        poisons[name] = pg.execute(
+            "INSERT INTO notification_triggers (trigger_type, entity_type, entity_id, payload)"
+            f" VALUES ('back_in_stock', 'item', 1, {payload_sql}) RETURNING id").fetchone()[0]  # fixed SQL
+    other = f.add_trigger(pg, "back_in_stock", entity=("item", 1), payload={"item_name": "Chair"})
+
+    summary, results = run(pg, redis_client, settings)
+    assert len(results) == 1 and results[0].triggers == 5  # one batch, all five in it
+    assert f.notifications_of(pg, innocent) == [1, 2] and f.notifications_of(pg, other) == [1, 2]
+    ends = {name: pg.execute("SELECT status, last_error FROM notification_triggers WHERE id = %s",
+                             (t,)).fetchone() for name, t in poisons.items()}  # not the payload: psycopg decodes it
+    assert {status for status, _ in ends.values()} == {"failed"}
+    reasons = {name: reason for name, (_, reason) in ends.items()}
+    assert reasons["huge number"].startswith("payload cannot be decoded: ValueError")
+    assert reasons["deep nesting"].startswith("payload cannot be decoded: RecursionError")
+    assert reasons["huge title"] == "rendered title is 1,000,015 characters, more than the 1,000 allowed"
+    assert (summary.counts["triggers_done"], summary.counts["triggers_failed"]) == (2, 3)
+
+
+def test_cache_counters_expire_like_every_herald_key(pg, redis_client, settings):
+    f.add_users(pg, [1])
+    f.add_trigger(pg, "back_in_stock", user_id=1, payload={"item_name": "x"})
+    run(pg, redis_client, settings)
+    ttl = redis_client.ttl(f"{settings.cache_namespace}:stats:cache_misses")
+    assert 6 * 24 * 3600 < ttl <= 7 * 24 * 3600
