@@ -39,26 +39,31 @@ class DigestPass:
 
 def send_digests(conn: psycopg.Connection, settings: Settings, *, chunk: int = CHUNK_USERS) -> DigestPass:
     """Send the digests that fit in their users' budget now, for every user who is owed one."""
+    conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED  # counts read after the locks must see all
+    after = -(2**63)
+    users = _owed(conn, after, chunk)
+    if not users:
+        return DigestPass()  # the usual case: one cheap statement
     if not db.run(conn, "digest_pass_lock").fetchone()[0]:
         log.info("another digest pass is running; skipping")
         return DigestPass()
     sent = folded = waiting = 0
-    after = -(2**63)
     try:
-        while True:
+        while users:
             with conn.transaction():
-                users = [r[0] for r in db.run(conn, "users_owed_digest", {"after": after, "limit": chunk})]
-                if not users:
-                    break
-                after = users[-1]
                 s, f, w = _digest_chunk(conn, users, settings)
             sent, folded, waiting = sent + s, folded + f, waiting + w
+            users = _owed(conn, users[-1], chunk) if len(users) == chunk else []
     finally:
         db.run(conn, "digest_pass_unlock")
     if sent or waiting:
         log.info("sent %s digests folding %s held notifications (%s users still over their limit)",
                  sent, folded, waiting)
     return DigestPass(sent, folded, waiting)
+
+
+def _owed(conn: psycopg.Connection, after: int, chunk: int) -> list[int]:
+    return [r[0] for r in db.run(conn, "users_owed_digest", {"after": after, "limit": chunk})]
 
 
 def _digest_chunk(conn: psycopg.Connection, users: list[int], settings: Settings) -> tuple[int, int, int]:

@@ -37,7 +37,7 @@ from herald.cache import Entity, RecipientCache
 from herald.claiming import Batch
 from herald.config import Settings
 from herald.ratelimit import Candidate, counts_decide, lock_users, rate_state
-from herald.templates import RenderError, Template, load_templates
+from herald.templates import RenderError, Template
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +136,7 @@ def process_batch(
     """Process the triggers ``batch.claim_id`` claimed under ``batch.batch``; see the module doc."""
     started = time.perf_counter()
     result = BatchResult(batch.claim_id, batch.batch, batch.priority, dry_run=dry_run)
+    conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED  # the window count needs a fresh snapshot
     key = {"claim_id": batch.claim_id, "batch": batch.batch}
     if not dry_run:
         with conn.transaction():
@@ -188,8 +189,7 @@ def _compute(
     if not rows:
         log.info("batch %s/%s: nothing pending (already processed)", batch.claim_id, batch.batch)
         return None
-    triggers, errors = _decode(rows)
-    templates = load_templates(conn)
+    triggers, templates, errors = _decode(rows)
     plan = _Plan()
     rendered = _render([t for t in triggers if t.id not in errors], templates, errors)
 
@@ -242,11 +242,16 @@ def _compute(
     return plan
 
 
-def _decode(rows: list[tuple]) -> tuple[list[_Trigger], dict[int, str]]:
-    """Triggers with their payloads decoded one by one: a payload that cannot be decoded fails alone."""
+def _decode(rows: list[tuple]) -> tuple[list[_Trigger], dict[str, Template], dict[int, str]]:
+    """Triggers with their payloads decoded one by one (a payload that cannot be decoded fails alone),
+    and the templates of their types."""
     triggers: list[_Trigger] = []
+    templates: dict[str, Template] = {}
     errors: dict[int, str] = {}
-    for trigger_id, trigger_type, entity_type, entity_id, user_id, priority, payload_text, attempts in rows:
+    for (trigger_id, trigger_type, entity_type, entity_id, user_id, priority, payload_text, attempts,
+         title, body, bypass) in rows:
+        if title is not None and trigger_type not in templates:
+            templates[trigger_type] = Template(trigger_type, title, body, bypass)
         try:
             payload = json.loads(payload_text)
         except (ValueError, RecursionError) as exc:  # >4,300-digit numbers, nesting deeper than Python's stack
@@ -254,7 +259,7 @@ def _decode(rows: list[tuple]) -> tuple[list[_Trigger], dict[int, str]]:
             errors[trigger_id] = f"payload cannot be decoded: {type(exc).__name__}: {str(exc)[:200]}"
         triggers.append(_Trigger(trigger_id, trigger_type, entity_type, entity_id, user_id, priority, payload,
                                  attempts))
-    return triggers, errors
+    return triggers, templates, errors
 
 
 def _render(

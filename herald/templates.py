@@ -1,7 +1,8 @@
 """Per-type notification templates, rendered in a Jinja sandbox with a trigger's payload.
 
 Templates live in the ``notification_templates`` table (built-ins seeded by migration 0003), so a type
-can be added or overridden with an INSERT or UPDATE, no code change. The payload is data: its values
+can be added or overridden with an INSERT or UPDATE, no code change; a batch reads them with its
+triggers (load_batch_triggers.sql). The payload is data: its values
 are inserted as text and never evaluated, so ``{{ 7*7 }}`` in a payload appears literally.
 """
 
@@ -11,11 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import psycopg
 from jinja2 import StrictUndefined, TemplateError, UndefinedError
 from jinja2.sandbox import SandboxedEnvironment
-
-from herald import db
 
 _ENV = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=False)
 
@@ -73,8 +71,3 @@ def _compile(source: str) -> Any:
     if template is None:
         template = _compiled[source] = _ENV.from_string(source)
     return template
-
-
-def load_templates(conn: psycopg.Connection) -> dict[str, Template]:
-    """Every template in the database, by trigger type (one query)."""
-    return {row[0]: Template(*row) for row in db.run(conn, "load_templates")}
