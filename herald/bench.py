@@ -103,12 +103,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep the scratch databases (and the Airflow home of --dag) at the end")
     parser.add_argument("--check-targets", action="store_true",
                         help="exit with status 3 when a target is not met")
+    from herald import latency
+
+    latency.add_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
     if args.repeat < 1 or any(k < 1 for k in args.scale) or args.users < 1 or args.triggers < 1:
         print("herald bench: --repeat, --scale, --users and --triggers must be positive", file=sys.stderr)
         return 2
+    if args.latency:
+        return _latency(args)
     try:
         report = run(args)
     except BenchError as exc:
@@ -123,6 +128,23 @@ def main(args: argparse.Namespace) -> int:
         return 1
     if args.check_targets and report["targets_not_met"]:
         print("herald bench: targets not met: " + ", ".join(report["targets_not_met"]), file=sys.stderr)
+        return 3
+    return 0
+
+
+def _latency(args: argparse.Namespace) -> int:
+    from herald import latency
+
+    try:
+        report = latency.run(args)
+    except BenchError as exc:
+        print(f"herald bench --latency: FAILED: {exc}", file=sys.stderr)
+        return 1
+    print(latency.format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2, default=str) + "\n")
+        print(f"\nwrote {args.json}")
+    if args.check_targets and not all(report["targets"].values()):
         return 3
     return 0
 
@@ -581,8 +603,11 @@ def format_report(report: dict[str, Any]) -> str:
 class AirflowBench:
     """A throw-away Airflow (scheduler, dag-processor, api-server; LocalExecutor; PostgreSQL metadata DB)."""
 
-    def __init__(self, found: services.Services, database: str, *, timeout: float, keep: bool) -> None:
+    def __init__(self, found: services.Services, database: str, *, timeout: float, keep: bool,
+                 extra_env: dict[str, str] | None = None, triggerer: bool = False) -> None:
         self.found = found
+        self.extra_env = extra_env or {}
+        self.triggerer = triggerer
         self.meta_db = f"{database}_airflow"
         self.bench_db = database
         self.timeout = timeout
@@ -662,7 +687,11 @@ class AirflowBench:
             "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
             "AIRFLOW_VAR_HERALD_CACHE_NAMESPACE": self.namespace,
+            # Log servers bind all interfaces on fixed ports by default: one of our own each.
+            "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
+            "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
         })
+        env.update(self.extra_env)
         self.env = env
         _progress(f"Airflow: home {self.home}, metadata DB {services.redact_url(meta)} ({scheme}); migrating")
         self._airflow("db", "migrate", timeout=600)
@@ -671,6 +700,8 @@ class AirflowBench:
         self._spawn("api-server", "api-server", "--host", "127.0.0.1", "--port", str(port))
         self._spawn("scheduler", "scheduler")
         self._spawn("dag-processor", "dag-processor")
+        if self.triggerer:
+            self._spawn("triggerer", "triggerer")
         self._wait(lambda: _http_ok(f"http://127.0.0.1:{port}/api/v2/monitor/health"), "the API server", 180)
         self._wait(self._dag_serialized, f"DAG {DAG_ID} to be parsed", 180)
         _progress(f"Airflow ready in {time.perf_counter() - started:.1f} s")
@@ -687,15 +718,25 @@ class AirflowBench:
         with db.connection(self.meta_url, autocommit=True) as conn:
             return db.run(conn, name, params).fetchall()
 
-    def _dag_serialized(self) -> bool:
+    def _dag_serialized(self, dag_id: str = DAG_ID) -> bool:
         try:
             errors = self._meta("bench_airflow_import_errors")
-            rows = self._meta("bench_airflow_dag", {"dag_id": DAG_ID})
+            rows = self._meta("bench_airflow_dag", {"dag_id": dag_id})
         except psycopg.errors.UndefinedTable:
             return False
         if errors:
             raise BenchError("--dag: DAG import errors:\n" + "\n".join(f"{f}:\n{s}" for f, s in errors))
         return bool(rows and rows[0][1])
+
+    def wait_serialized(self, dag_id: str) -> None:
+        self._wait(lambda: self._dag_serialized(dag_id), f"DAG {dag_id} to be parsed", 180)
+
+    def unpause(self, dag_id: str) -> None:
+        self._airflow("dags", "unpause", dag_id)
+
+    def wait_running(self, dag_id: str, timeout: float = 120) -> None:
+        self._wait(lambda: bool(self._meta("bench_airflow_running", {"dag_id": dag_id})),
+                   f"a run of {dag_id} to start", timeout)
 
     # ------------------------------------------------------------------------------------- a run
 

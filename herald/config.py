@@ -14,6 +14,9 @@ from typing import Any
 
 DAG_ID = "notification_batch"
 HOUSEKEEPING_DAG_ID = "notification_housekeeping"
+URGENT_DAG_ID = "notification_urgent"
+#: The asset whose watcher (herald.urgent) wakes the urgent lane.
+URGENT_ASSET = "herald_urgent_triggers"
 
 POSTGRES_CONN_ID = "notifications_db"
 REDIS_CONN_ID = "notifications_redis"

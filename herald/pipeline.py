@@ -1,7 +1,7 @@
 """A whole run: claim, process every batch (urgent first), finalize.
 
 The DAG runs these three steps as separate tasks (the batches as mapped tasks); ``run_once`` chains
-them in one process for the CLI, the benchmark and the tests.
+them in one process for the urgent lane (one task start), the CLI, the benchmark and the tests.
 """
 
 from __future__ import annotations
@@ -53,18 +53,21 @@ def finalize(
     results: Iterable[dict[str, Any] | None],
     *,
     dry_run: bool = False,
+    digests: bool = True,
 ) -> RunSummary:
     """Release what the run claimed but did not finish, send due digests, record the run.
 
     A dry run claimed nothing and sends no digest; only its report in ``herald_runs`` is written.
+    ``digests=False`` (the urgent lane) leaves the digest pass to the two-minute run.
     """
     finished = [r for r in results if r]
     summary = RunSummary(claim_id, batches=len(finished), counts=summarise(finished))
     if not dry_run:
         summary.released = claiming.release(conn, claim_id)
-        digests = send_digests(conn, settings)
-        summary.digests = digests.sent
-        summary.counts["digested"] = digests.folded  # batches never digest; this pass does
+    if not dry_run and digests:
+        passed = send_digests(conn, settings)
+        summary.digests = passed.sent
+        summary.counts["digested"] = passed.folded  # batches never digest; this pass does
     summary.counts["digests_sent"] = summary.digests
     with conn.transaction():
         db.run(conn, "finish_run", {"run_id": claim_id, "counts": Jsonb(summary.counts)})
@@ -77,8 +80,11 @@ def run_once(
     redis_client: redis.Redis | None,
     settings: Settings,
     request: ClaimRequest,
+    *,
+    digests: bool = True,
 ) -> tuple[RunSummary, list[BatchResult]]:
     batches: list[Batch] = claiming.claim(conn, request, settings)
     results = [process_batch(conn, redis_client, b, settings, dry_run=request.dry_run) for b in batches]
-    summary = finalize(conn, settings, request.claim_id, [r.to_dict() for r in results], dry_run=request.dry_run)
+    summary = finalize(conn, settings, request.claim_id, [r.to_dict() for r in results], dry_run=request.dry_run,
+                       digests=digests)
     return summary, results

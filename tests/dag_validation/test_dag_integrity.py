@@ -98,3 +98,18 @@ def test_airflow_settings_mirror_the_names_and_defaults_of_herald_config(
     assert {config.POSTGRES_CONN_ID, config.REDIS_CONN_ID} <= connections
     assert {config.POOL_NORMAL, config.POOL_URGENT} <= pools
     assert variables == {name: str(value) for name, value in config.defaults().items()}
+
+
+def test_the_urgent_lane_is_one_task_in_the_urgent_pool_and_queue_woken_by_its_watcher(dags: dict[str, Any]) -> None:
+    from herald.urgent import UrgentTriggersWaiting
+
+    dag = dags[config.URGENT_DAG_ID]
+    assert [t.task_id for t in dag.tasks] == ["deliver_urgent"]  # one task start per wake-up
+    (task,) = dag.tasks
+    assert (task.pool, task.queue, task.priority_weight) == (config.POOL_URGENT, config.QUEUE_URGENT, 100)
+    assets = list(dag.timetable.asset_condition.objects)
+    assert [a.name for a in assets] == [config.URGENT_ASSET]
+    (watcher,) = assets[0].watchers
+    assert isinstance(watcher.trigger, UrgentTriggersWaiting)
+    assert dag.max_active_runs > 1  # a slow urgent run does not hold up the next one
+    assert dag.catchup is False

@@ -138,11 +138,13 @@ class Cluster:
         self.procs.append(proc)
         return proc
 
-    def start(self, startup_timeout: float = 120) -> None:
+    def start(self, startup_timeout: float = 120, *, triggerer: bool = False) -> None:
         self._start("api-server", ["api-server", "--host", "127.0.0.1", "--port", str(self.api_port),
                                    "--workers", "1"], self.env)
         self._start("dag-processor", ["dag-processor"], self.env)
         self._start("scheduler", ["scheduler"], {**self.env, **self.scheduler_env})
+        if triggerer:  # runs the urgent lane's watcher (herald.urgent)
+            self._start("triggerer", ["triggerer"], self.env)
         self.wait_for(self._api_healthy, startup_timeout, "the api-server to answer /api/v2/monitor/health")
 
     def _api_healthy(self) -> bool:
@@ -151,9 +153,12 @@ class Cluster:
         except httpx.HTTPError:
             return False
 
-    def stop(self) -> None:
+    def stop(self, name: str | None = None) -> None:
+        """Stop every process (or only ``name``), each by its process group."""
         for proc in reversed(self.procs):
-            stop_process_group(proc.process, grace=20)
+            if name is None or proc.name == name:
+                stop_process_group(proc.process, grace=20)
+        self.procs = [p for p in self.procs if name is not None and p.name != name]
 
     def check_alive(self) -> None:
         for proc in self.procs:
@@ -246,8 +251,10 @@ def cluster_config(api_port: int) -> dict[str, str]:
         "AIRFLOW__API__PORT": str(api_port),
         "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
         "AIRFLOW__API__SECRET_KEY": secrets.token_urlsafe(32),
-        # The scheduler's log server (serve-logs) binds 0.0.0.0:8793 by default: taken when two run at once.
+        # The scheduler's and triggerer's log servers bind 0.0.0.0:8793 / 8794 by default: taken when two
+        # deployments run at once.
         "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
+        "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
         # Manual and backfill runs only: a scheduled run of the */2 DAG would race the test's own run.
         "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
         "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",

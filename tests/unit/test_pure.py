@@ -92,3 +92,4 @@ def test_settings_from_env_and_bad_values():
 def test_settings_refuse_nonsense_naming_the_variable(variable, value):
     with pytest.raises(ValueError, match=variable.lower()):
         Settings.from_env({variable: value})
+
