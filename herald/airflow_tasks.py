@@ -48,7 +48,7 @@ def connections() -> Iterator[tuple[psycopg.Connection, redis.Redis | None]]:
             client.close()
 
 
-def redis_from_hook(timeout_seconds: float) -> redis.Redis | None:
+def redis_from_hook(timeout_seconds: float) -> redis.Redis | redis.RedisCluster | None:
     """The ``notifications_redis`` client with socket timeouts, or None when it is unusable.
 
     RedisHook sets no timeouts, and a Redis that stops answering must slow a batch down (it falls
@@ -61,9 +61,15 @@ def redis_from_hook(timeout_seconds: float) -> redis.Redis | None:
     except Exception as exc:  # no connection configured, bad extras: run on PostgreSQL alone
         log.warning("Redis connection %s unusable (%s); running without it", REDIS_CONN_ID, exc)
         return None
-    kwargs = client.connection_pool.connection_kwargs
-    kwargs.setdefault("socket_connect_timeout", timeout_seconds)
-    kwargs.setdefault("socket_timeout", timeout_seconds)
+    timeouts = {"socket_connect_timeout": timeout_seconds, "socket_timeout": timeout_seconds}
+    if isinstance(client, redis.RedisCluster):  # the hook's {"cluster": true}: one pool per node
+        client.nodes_manager.connection_kwargs.update(timeouts)
+        for node in client.get_nodes():
+            if node.redis_connection is not None:
+                node.redis_connection.connection_pool.connection_kwargs.update(timeouts)
+    else:
+        for key, value in timeouts.items():
+            client.connection_pool.connection_kwargs.setdefault(key, value)
     return client
 
 

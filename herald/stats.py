@@ -217,7 +217,10 @@ def cache_stats(redis_client: Any | None, settings: Settings) -> dict[str, Any]:
         return result
     keys = [f"{settings.cache_namespace}:stats:cache_hits", f"{settings.cache_namespace}:stats:cache_misses"]
     try:
-        raw_hits, raw_misses = redis_client.mget(keys)
+        pipe = redis_client.pipeline(transaction=False)  # not MGET: on a cluster they may be in two slots
+        for key in keys:
+            pipe.get(key)
+        raw_hits, raw_misses = pipe.execute()
     except Exception as exc:  # redis.RedisError, OSError, a cluster error: Redis down never breaks stats
         log.warning("cache statistics unavailable: %s", type(exc).__name__)
         return result
