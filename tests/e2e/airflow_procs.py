@@ -6,8 +6,9 @@
   ``AIRFLOW_VAR_HERALD_*``, and nothing of the developer's own ``AIRFLOW*`` environment.
 * :func:`airflow` runs one CLI command and fails the test with its output when it fails.
 * :class:`Cluster` is a scheduler deployment: ``airflow api-server`` (Execution API included),
-  ``airflow scheduler`` (LocalExecutor) and ``airflow dag-processor``, each in a process group of its
-  own, on a PostgreSQL metadata database; :meth:`Cluster.stop` ends each group by its id.
+  ``airflow scheduler`` (LocalExecutor), ``airflow dag-processor`` and optionally ``airflow
+  triggerer``, each in a process group of its own, on a PostgreSQL metadata database;
+  :meth:`Cluster.stop` ends each group by its id. :func:`deployment` makes one for a test module.
 """
 
 from __future__ import annotations
@@ -15,20 +16,24 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psycopg
+import redis
 from psycopg.rows import dict_row
 
 from herald import services
-from herald.config import DAG_ID, PROJECT_ROOT
+from herald.config import DAG_ID, POOL_NORMAL, POOL_URGENT, PROJECT_ROOT
 from herald.processes import free_port, stop_process_group
 
 AIRFLOW = Path(sys.executable).with_name("airflow")
@@ -265,3 +270,52 @@ def cluster_config(api_port: int) -> dict[str, str]:
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
         "AIRFLOW__CORE__PARALLELISM": "16",
     }
+
+
+@contextmanager
+def deployment(
+    found: services.Services,
+    db_url: str,
+    redis_url: str,
+    home: Path,
+    *,
+    name: str,
+    schedule: bool = False,
+    triggerer: bool = False,
+    scheduler_env: Mapping[str, str] | None = None,
+    unpause: tuple[str, ...] = (DAG_ID,),
+) -> Iterator[Cluster]:
+    """A :class:`Cluster` on a PostgreSQL metadata DB of its own, with herald's pools, for a test module.
+
+    ``schedule``: cron and asset-triggered runs on (``[scheduler] use_job_schedule``; assets need it).
+    ``name`` names the metadata DB, the Redis namespace and the log folder under ``artifacts/e2e/``.
+    Everything is stopped, dropped and deleted at the end, whatever happened.
+    """
+    database = f"herald_test_{name}_{os.getpid()}"
+    metadata_url = services.create_database(found.database_url, database, drop_first=True)
+    namespace = f"herald-{name}-{uuid.uuid4().hex[:12]}:v1"
+    api_port = free_port()
+    config = cluster_config(api_port) | {"AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": str(schedule)}
+    env = airflow_env(home, db_url=db_url, redis_url=redis_url, namespace=namespace,
+                      metadata_url=metadata_url, extra=config)
+    log_dir = ARTIFACTS / name
+    shutil.rmtree(log_dir, ignore_errors=True)
+    log_dir.mkdir(parents=True)
+    cluster = Cluster(home, env, metadata_url, api_port, log_dir, scheduler_env=dict(scheduler_env or {}))
+    try:
+        airflow("db", "migrate", env=env, timeout=300)
+        airflow("pools", "set", POOL_NORMAL, "8", "herald normal notification batches", env=env)
+        airflow("pools", "set", POOL_URGENT, "4", "herald urgent notification batches", env=env)
+        cluster.start(triggerer=triggerer)
+        for dag_id in unpause:
+            cluster.wait_for_dag(dag_id)
+            cluster.airflow("dags", "unpause", dag_id)
+        yield cluster
+    finally:
+        cluster.stop()
+        services.drop_database(found.database_url, database)
+        client = redis.Redis.from_url(redis_url)
+        keys = list(client.scan_iter(match=f"{namespace}:*", count=1000))
+        if keys:
+            client.delete(*keys)
+        client.close()

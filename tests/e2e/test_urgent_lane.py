@@ -6,20 +6,15 @@ stopped, the next scheduled two-minute ``notification_batch`` run still delivers
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
-import uuid
 from collections.abc import Iterator
 
 import pytest
-import redis
 
 from herald import services, verify
-from herald.config import DAG_ID, POOL_NORMAL, POOL_URGENT, URGENT_DAG_ID, Settings
-from herald.processes import free_port
+from herald.config import DAG_ID, POOL_URGENT, URGENT_DAG_ID, Settings
 from tests import factories as f
-from tests.e2e.airflow_procs import ARTIFACTS, Cluster, airflow, airflow_env, cluster_config
+from tests.e2e.airflow_procs import Cluster, deployment
 
 pytestmark = pytest.mark.slow
 
@@ -27,35 +22,11 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def lane(found_services: services.Services, db_url: str, redis_url: str,
          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    name = f"herald_test_urgent_af_{os.getpid()}"
-    metadata_url = services.create_database(found_services.database_url, name, drop_first=True)
     home = tmp_path_factory.mktemp("airflow_home_urgent")
-    namespace = f"herald-urgent-{uuid.uuid4().hex[:12]}:v1"
-    api_port = free_port()
-    config = cluster_config(api_port) | {"AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "True"}  # assets need it
-    env = airflow_env(home, db_url=db_url, redis_url=redis_url, namespace=namespace,
-                      metadata_url=metadata_url, extra=config)
-    log_dir = ARTIFACTS / "urgent-lane"
-    shutil.rmtree(log_dir, ignore_errors=True)
-    log_dir.mkdir(parents=True)
-    cluster = Cluster(home, env, metadata_url, api_port, log_dir)
-    try:
-        airflow("db", "migrate", env=env, timeout=300)
-        airflow("pools", "set", POOL_NORMAL, "8", "herald normal notification batches", env=env)
-        airflow("pools", "set", POOL_URGENT, "4", "herald urgent notification batches", env=env)
-        cluster.start(triggerer=True)
-        cluster.wait_for_dag(URGENT_DAG_ID)
+    with deployment(found_services, db_url, redis_url, home, name="urgent_lane", schedule=True, triggerer=True,
+                    unpause=(URGENT_DAG_ID,)) as cluster:
         cluster.wait_for_dag(DAG_ID)
-        cluster.airflow("dags", "unpause", URGENT_DAG_ID)
         yield cluster
-    finally:
-        cluster.stop()
-        services.drop_database(found_services.database_url, name)
-        client = redis.Redis.from_url(redis_url)
-        keys = list(client.scan_iter(match=f"{namespace}:*", count=1000))
-        if keys:
-            client.delete(*keys)
-        client.close()
 
 
 def delivered_at(pg, trigger_id: int) -> str | None:

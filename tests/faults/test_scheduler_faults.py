@@ -8,22 +8,18 @@ writes SIGKILLs its own process.
 
 from __future__ import annotations
 
-import os
-import shutil
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-import redis
 
 from herald import services
-from herald.config import DAG_ID, POOL_NORMAL, POOL_URGENT, Settings
-from herald.processes import free_port
+from herald.config import DAG_ID, Settings
 from herald.workload import WorkloadSpec, seed
 from tests import factories as f
-from tests.e2e.airflow_procs import ARTIFACTS, Cluster, airflow, airflow_env, cluster_config
+from tests.e2e.airflow_procs import Cluster, deployment
 from tests.faults.conftest import settle
 
 pytestmark = pytest.mark.slow
@@ -34,36 +30,11 @@ RUN_TIMEOUT_SECONDS = 300
 @pytest.fixture(scope="module")
 def scheduled(found_services: services.Services, db_url: str, redis_url: str,
               tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    name = f"herald_test_faults_af_{os.getpid()}"
-    metadata_url = services.create_database(found_services.database_url, name, drop_first=True)
     home = tmp_path_factory.mktemp("airflow_home_faults")
-    namespace = f"herald-faults-{uuid.uuid4().hex[:12]}:v1"
-    api_port = free_port()
-    config = cluster_config(api_port) | {"AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "True"}
-    env = airflow_env(home, db_url=db_url, redis_url=redis_url, namespace=namespace,
-                      metadata_url=metadata_url, extra=config)
-    log_dir = ARTIFACTS / "faults-scheduler"
-    shutil.rmtree(log_dir, ignore_errors=True)
-    log_dir.mkdir(parents=True)
     marker = home / "kill_marker"
-    cluster = Cluster(home, env, metadata_url, api_port, log_dir,
-                      scheduler_env={"HERALD_FAULT_ONCE": f"kill@before_write:{marker}"})
-    try:
-        airflow("db", "migrate", env=env, timeout=300)
-        airflow("pools", "set", POOL_NORMAL, "8", "herald normal notification batches", env=env)
-        airflow("pools", "set", POOL_URGENT, "4", "herald urgent notification batches", env=env)
-        cluster.start()
-        cluster.wait_for_dag(DAG_ID)
-        cluster.airflow("dags", "unpause", DAG_ID)
+    with deployment(found_services, db_url, redis_url, home, name="faults_scheduler", schedule=True,
+                    scheduler_env={"HERALD_FAULT_ONCE": f"kill@before_write:{marker}"}) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
-        services.drop_database(found_services.database_url, name)
-        client = redis.Redis.from_url(redis_url)
-        keys = list(client.scan_iter(match=f"{namespace}:*", count=1000))
-        if keys:
-            client.delete(*keys)
-        client.close()
 
 
 def scalar(pg, sql: str, params=None):
