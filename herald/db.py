@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +62,15 @@ def run(
     single-row queries run many times (the reference processor).
     """
     return conn.execute(sql(name), params or {}, prepare=prepare)
+
+
+def int_array(values: Iterable[int]) -> str:
+    """A PostgreSQL array literal of integers (``{1,2,3}``), for a ``%(x)s::bigint[]`` parameter.
+
+    Tens of thousands of ids per batch: joining them here costs a fraction of psycopg's generic list
+    dumper (measured: about 3 s of 27 s of a 10 x W1 run went to dumping lists).
+    """
+    return "{" + ",".join(map(str, values)) + "}"
 
 
 # --------------------------------------------------------------------------------------- migrations

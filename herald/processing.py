@@ -229,7 +229,8 @@ def _compute(
     users = sorted({c.user_id for c in candidates})
     if not dry_run:  # a dry run writes nothing, so it needs no lock against other writers
         lock_users(conn, users)
-    state = rate_state(conn, users, settings)
+    # Urgent candidates are never held back: only users with a normal one need their window counted.
+    state = rate_state(conn, sorted({c.user_id for c in candidates if not c.urgent}), settings)
     allowed = counts_decide(candidates, state.recent, settings.rate_limit, state.held)
     for (trigger_id, user_id), ok in zip(pending, allowed, strict=True):
         if ok:
@@ -303,7 +304,7 @@ def _load_recipients(
     missing_users = [u for u in users if u not in preferences]
     fresh_preferences: dict[int, frozenset[str]] = {}
     if missing_users:
-        rows = db.run(conn, "user_preferences", {"user_ids": missing_users})
+        rows = db.run(conn, "user_preferences", {"user_ids": db.int_array(missing_users)})
         fresh_preferences = {user_id: frozenset(disabled) for user_id, disabled in rows}
         preferences.update(fresh_preferences)
     cache.store(fresh_favorites, fresh_preferences)

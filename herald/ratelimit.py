@@ -43,7 +43,7 @@ def lock_users(conn: psycopg.Connection, user_ids: Iterable[int]) -> None:
     """Take the rate-limit locks of these users until the current transaction ends."""
     users = sorted(set(user_ids))
     if users:
-        db.run(conn, "lock_rate_limit_buckets", {"lock_class": LOCK_CLASS, "user_ids": users})
+        db.run(conn, "lock_rate_limit_buckets", {"lock_class": LOCK_CLASS, "user_ids": db.int_array(users)})
 
 
 def rate_state(conn: psycopg.Connection, user_ids: Sequence[int], settings: Settings) -> RateState:
@@ -51,7 +51,7 @@ def rate_state(conn: psycopg.Connection, user_ids: Sequence[int], settings: Sett
     recent: dict[int, int] = {}
     held: set[int] = set()
     if user_ids:
-        params = {"user_ids": list(user_ids), "window_seconds": settings.rate_window_seconds}
+        params = {"user_ids": db.int_array(user_ids), "window_seconds": settings.rate_window_seconds}
         for user_id, count, is_held in db.run(conn, "user_rate_state", params):
             if count:
                 recent[user_id] = count
