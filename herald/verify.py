@@ -162,7 +162,9 @@ def _expired_claims(conn: psycopg.Connection, params: dict[str, Any]) -> Iterato
 
 
 def _missing_deliveries(conn: psycopg.Connection, params: dict[str, Any]) -> Iterator[Violation]:
-    for notification_id, user_id, channel in db.run(conn, "verify/missing_deliveries", params):
+    began = db.run(conn, "verify/outbox_since").fetchone()
+    since = max(params["since"], began[0]) if began else params["since"]
+    for notification_id, user_id, channel in db.run(conn, "verify/missing_deliveries", params | {"since": since}):
         yield Violation("missing_delivery", f"notification {notification_id} / user {user_id}",
                         f"user has an enabled {channel} channel and no {channel} delivery (or its channel "
                         "preference changed since)")

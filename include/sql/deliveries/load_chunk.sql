@@ -2,7 +2,8 @@
 -- they are locked no other run can claim them and nothing can release them, so the chunk records
 -- only what it owns. Only what this run still holds. The notification may be gone (the application
 -- deleted it: title NULL) and the channel may have been switched off since (channel_enabled false or
--- NULL). Indexes: primary keys of notification_deliveries and notifications, user_channels primary key.
+-- NULL). Indexes: notification_deliveries_claim_idx (the run's rows; with the ids, the primary key
+-- where that is cheaper), primary keys of notifications and user_channels.
 SELECT d.id, d.notification_id, d.user_id, d.channel, d.address, d.priority, d.attempts,
        n.notification_type, n.title, n.body, n.payload::text, n.trigger_id, n.created_at,
        c.enabled AS channel_enabled

@@ -2,7 +2,7 @@
 -- endpoint is gone or the channel switched off) or 'retry' (pending again after %(delays)s seconds,
 -- or 'failed' once it used its %(max_attempts)s attempts). The claim is dropped in every case. Only
 -- while this run holds the row (it does: load_chunk.sql locked it); the caller checks the count.
--- Index: primary key.
+-- Index: notification_deliveries_claim_idx (the run's rows), or the primary key.
 UPDATE notification_deliveries d
 SET status = CASE WHEN r.status <> 'retry' THEN r.status
                   WHEN d.attempts >= %(max_attempts)s THEN 'failed'
