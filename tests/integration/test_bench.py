@@ -101,6 +101,7 @@ def test_bench_delivery_figure_with_email_channels(tmp_path, bench_database, cap
     assert run["workload"]["email_every"] == 2
     assert 0 < run["core_deliveries"] < run["notifications"]
     assert run["delivery_messages"] == run["core_deliveries"]  # every one sent (and received: else a problem)
-    assert run["delivery_smtp_connections"] == 1 and run["delivery_messages_per_second_per_connection"] > 0
+    # one connection per batch (urgent, normal), one at a time
+    assert 1 <= run["delivery_smtp_connections"] <= 2 and run["delivery_messages_per_second_per_connection"] > 0
     assert report["ok"] is True and run["delivery_problem"] is None
     assert "delivery msgs/s per SMTP connection" in printed

@@ -241,9 +241,11 @@ def test_a_user_who_disabled_email_for_price_drop_gets_the_notification_and_no_e
     assert emails == [("user1@example.test", "Back in stock: Lamp"), ("user2@example.test", "Back in stock: Lamp"),
                       ("user2@example.test", "Price drop: Lamp")]
     assert sorted(r.path for r in receiver.requests) == ["/u1", "/u1", "/u2", "/u2"]  # webhooks untouched
-    # The Redis cache of in-app preferences was not touched by the channel row.
+    # The channel row is not an in-app preference: nothing skipped, and the Redis cache of in-app
+    # preferences holds nothing disabled for user 1.
     assert pg.execute("SELECT count(*) FROM notification_outcomes WHERE outcome = 'skipped_preference'"
                       ).fetchone()[0] == 0
+    assert redis_client.get(f"{settings.cache_namespace}:pref:1") == b"u:[]"
     assert verify.verify(pg, settings).ok
 
 
