@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import logging
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -68,6 +69,8 @@ class SmtpSink:
     def start(self) -> SmtpSink:
         from aiosmtpd.controller import Controller
 
+        # aiosmtpd logs every command at INFO, recipients' addresses included: keep them out of logs.
+        logging.getLogger("mail.log").setLevel(logging.WARNING)
         self._controller = Controller(_Handler(self), hostname="127.0.0.1", port=self.port)
         self._controller.start()
         return self
