@@ -167,11 +167,33 @@ def test_first_apply_creates_every_entry_of_the_project_file(env: dict[str, str]
             "port": 6379,
             "extra": {"db": 0},
         },
+        "notifications_smtp": {
+            "conn_type": "smtp",
+            "host": "127.0.0.1",
+            "schema": None,
+            "login": None,
+            "password": None,
+            "port": 1025,
+            "extra": {"from_email": "herald <notifications@example.test>", "disable_ssl": True,
+                      "disable_tls": True, "timeout": 10, "retry_limit": 0},
+        },
+        "notifications_webhook": {  # its secret comes from the environment, never from the file
+            "conn_type": "generic",
+            "host": None,
+            "schema": None,
+            "login": None,
+            "password": None,
+            "port": None,
+            "extra": {},
+        },
     }
     assert {name: pool["slots"] for name, pool in state["pools"].items()} == {
         "default_pool": 128,  # Airflow's own, left alone
         "notifications": 8,
         "urgent_notifications": 4,
+        "email_deliveries": 2,
+        "webhook_deliveries": 2,
+        "apprise_deliveries": 1,
     }
     assert state["pools"]["urgent_notifications"]["description"]
     assert state["variables"] == {name: str(value) for name, value in defaults().items()}
