@@ -41,6 +41,17 @@ def html_body(delivery: Delivery) -> str:
     return "".join(f"<p>{html.escape(p).replace(chr(10), '<br>')}</p>" for p in paragraphs)
 
 
+def single_address(address: str) -> bool:
+    """One plain address: the hook splits ``to`` on commas and semicolons, so one row must not name two."""
+    local, at, domain = address.strip().rpartition("@")
+    return bool(local and at and domain) and not any(c in address for c in ",;\r\n<>")
+
+
+def subject_of(delivery: Delivery) -> str:
+    """The title on one line: a header never carries a line break (no header injection from payloads)."""
+    return " ".join((delivery.title or "").split())[:998]
+
+
 def _smtp_code(exc: smtplib.SMTPException) -> tuple[int | None, str]:
     """The SMTP reply code and text of a refusal, without the addresses it names."""
     if isinstance(exc, smtplib.SMTPRecipientsRefused) and exc.recipients:
@@ -92,6 +103,8 @@ class EmailSender:
         return None
 
     def send(self, d: Delivery) -> Outcome:
+        if not single_address(d.address):
+            return Outcome("failed", "not a single email address")
         if not self._connected:
             failed = self._connect()
             if failed is not None:
@@ -99,7 +112,7 @@ class EmailSender:
         mid = message_id(d, self._hook.from_email)
         try:
             self._hook.send_email_smtp(
-                to=d.address, subject=d.title, html_content=html_body(d),
+                to=d.address.strip(), subject=subject_of(d), html_content=html_body(d),
                 custom_headers={"Message-ID": mid, "X-Herald-Delivery": str(d.id)},
             )
         except smtplib.SMTPServerDisconnected as exc:

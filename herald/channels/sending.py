@@ -198,7 +198,9 @@ def _send_chunk(sender: Sender, deliveries: Iterable[Delivery], gone: set[tuple[
             try:
                 outcome = sender.send(d)
             except Exception as exc:  # a sender bug must not lose the chunk's other answers
-                log.exception("%s sender raised on delivery %s", d.channel, d.id)
+                # The type only at error level: an exception's text may hold the address.
+                log.error("%s sender raised %s on delivery %s", d.channel, type(exc).__name__, d.id)
+                log.debug("traceback of delivery %s", d.id, exc_info=True)
                 outcome = Outcome("retry", f"sender error: {type(exc).__name__}")
             outcomes.append(outcome)
             if outcome.stop:

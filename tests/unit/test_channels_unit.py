@@ -70,3 +70,10 @@ def test_apprise_reasons_lose_their_addresses():
     text = "Failed to send JSON notification to 127.0.0.1:8080: 500 - Internal Server Error."
     assert "127.0.0.1" not in apprise.redact(text) and "500" in apprise.redact(text)
     assert "hooks.slack.com" not in apprise.redact("bad url slack://T1/B2/C3 at https://hooks.slack.com/x")
+
+
+def test_an_email_row_names_one_address_and_a_subject_has_one_line():
+    assert email.single_address("user1@example.test") and email.single_address(" a.b+c@x.example ")
+    for bad in ("a@x.test,b@y.test", "a@x.test; b@y.test", "nobody", "@x.test", "a@", "a@x.test\r\nBcc: b@y"):
+        assert not email.single_address(bad), bad
+    assert email.subject_of(delivery(title="Price\r\nBcc: evil@x.test  drop")) == "Price Bcc: evil@x.test drop"
