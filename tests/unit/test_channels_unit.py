@@ -77,3 +77,24 @@ def test_an_email_row_names_one_address_and_a_subject_has_one_line():
     for bad in ("a@x.test,b@y.test", "a@x.test; b@y.test", "nobody", "@x.test", "a@", "a@x.test\r\nBcc: b@y"):
         assert not email.single_address(bad), bad
     assert email.subject_of(delivery(title="Price\r\nBcc: evil@x.test  drop")) == "Price Bcc: evil@x.test drop"
+
+
+def test_delivery_metrics_are_named_per_channel(monkeypatch):
+    from herald import metrics
+
+    calls: list[tuple[str, float]] = []
+
+    class Recorder:
+        def incr(self, name, count=1):
+            calls.append((name, count))
+
+        def timing(self, name, ms):
+            calls.append((name, ms))
+
+    monkeypatch.setattr(metrics, "_stats", Recorder)
+    result = sending.DeliveryResult("run", 0, "webhook", "normal", sent=5, retried=2, failed=1, disabled=1,
+                                    duration_seconds=0.5)
+    metrics.deliveries_recorded(result)
+    assert calls == [("herald.deliveries.sent.webhook", 5), ("herald.deliveries.retried.webhook", 2),
+                     ("herald.deliveries.failed.webhook", 1), ("herald.deliveries.disabled.webhook", 1),
+                     ("herald.deliveries.batch.duration", 500.0)]
