@@ -20,13 +20,14 @@ import redis
 
 from herald import claiming, metrics, pipeline
 from herald.claiming import Batch, ClaimRequest
-from herald.config import POSTGRES_CONN_ID, REDIS_CONN_ID, Settings
+from herald.config import POSTGRES_CONN_ID, REDIS_CONN_ID, SMTP_CONN_ID, Settings
 from herald.processing import process_batch
 
 log = logging.getLogger(__name__)
 
 #: Test hook: ``HERALD_FAULT_ONCE=[kill@]<stage>:<marker file>`` makes the first batch attempt that
-#: reaches ``stage`` (see ``processing.Checkpoint``) raise, or with ``kill@`` SIGKILL its own process;
+#: reaches ``stage`` (see ``processing.Checkpoint``; for send tasks ``after_send``, see
+#: ``channels.sending.Checkpoint``) raise, or with ``kill@`` SIGKILL its own process;
 #: the marker file records that it happened. Shows retries end to end under a real scheduler.
 FAULT_ENV = "HERALD_FAULT_ONCE"
 REDIS_TIMEOUT_SECONDS = 10.0
@@ -164,6 +165,63 @@ def urgent_lane(claim_id: str) -> dict[str, Any]:
         metrics.batch_processed(result)
     metrics.run_finished(summary)
     return summary.to_dict()
+
+
+# ------------------------------------------------------------------------------ notification_delivery
+
+
+def sender_for(channel: str, settings: Settings) -> Any:
+    """The sender of a channel, with its Airflow connection (read when it first sends)."""
+    from herald.channels.apprise import AppriseSender
+    from herald.channels.email import EmailSender
+    from herald.channels.webhook import WebhookSender
+
+    if channel == "email":
+        return EmailSender(SMTP_CONN_ID)
+    if channel == "webhook":
+        return WebhookSender(settings.delivery_timeout_seconds)
+    if channel == "apprise":
+        return AppriseSender()
+    raise ValueError(f"unknown channel {channel!r}")
+
+
+def delivery_claim(claim_id: str, params: dict[str, Any]) -> dict[str, Any]:
+    from herald import channels
+
+    settings = Settings.from_airflow()
+    with connections() as (conn, _):
+        summary = channels.claim(conn, claim_id, settings, redeliver_failed=bool(params.get("redeliver_failed")),
+                                 channels=params.get("channels") or None,
+                                 limit=params.get("max_deliveries") or None)
+    metrics.deliveries_claimed(summary)
+    return {"claim_id": claim_id, "redriven": summary.redriven, "exhausted": summary.exhausted,
+            **summary.by_lane()}
+
+
+def deliver(batch: dict[str, Any]) -> dict[str, Any]:
+    from herald import channels
+
+    settings = Settings.from_airflow()
+    descriptor = channels.DeliveryBatch.from_dict(batch)
+    with connections() as (conn, _):
+        result = channels.deliver_batch(conn, descriptor, sender_for(descriptor.channel, settings), settings,
+                                        checkpoint=_fault_checkpoint())
+    metrics.deliveries_recorded(result)
+    return result.to_dict()
+
+
+def delivery_finalize(claim_id: str, results: Sequence[Any]) -> dict[str, Any]:
+    from herald import channels
+
+    flat = [group[i] for group in results if group for i in range(len(group))]
+    flat = [r for r in flat if r]
+    with connections() as (conn, _):
+        released = channels.release(conn, claim_id)
+    totals = {key: sum(int(r.get(key, 0) or 0) for r in flat)
+              for key in ("deliveries", "sent", "retried", "failed", "disabled", "released")}
+    totals["released"] += released
+    log.info("delivery run %s: %s batches, %s", claim_id, len(flat), totals)
+    return {"claim_id": claim_id, "batches": len(flat), **totals}
 
 
 def housekeeping() -> dict[str, int]:

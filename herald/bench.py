@@ -11,6 +11,10 @@ the same deterministic data freshly loaded before each measurement and a fresh R
   separate untimed run so that tracing does not slow the timed one);
 - **reference**: the sequential per-row processor (``herald.reference.run_reference``), by default on
   W1 only, and a check that it produced exactly the core's notifications (the bench fails otherwise);
+- **delivery** (with ``--email-every N``: one user in N has an email channel, so the outbox holds an
+  email delivery per notification of theirs): the email deliveries of the core's run (at most
+  ``--delivery-sample``), sent through ``herald.channels`` and the SMTP provider's hook on one SMTP
+  connection to a local ``aiosmtpd`` sink, and recorded: messages per second per SMTP connection;
 - with ``--dag``: a whole ``notification_batch`` DAG run under a real scheduler (LocalExecutor,
   PostgreSQL metadata database), timed from the run's start to its end.
 
@@ -86,6 +90,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scale", type=int, nargs="+", default=[1], metavar="K",
                         help="workload multiples to run, e.g. --scale 1 10 (default: 1)")
     parser.add_argument("--seed", type=int, default=1, help="workload seed (default: %(default)s)")
+    parser.add_argument("--email-every", type=int, default=0, metavar="N",
+                        help="give one user in N an email channel (2: half the users), so the core writes "
+                             "email deliveries with the notifications and the delivery figure is measured "
+                             "(default: 0, no channels)")
+    parser.add_argument("--delivery-sample", type=int, default=25_000, metavar="N",
+                        help="email deliveries sent for the delivery figure, at most (default: %(default)s)")
     parser.add_argument("--repeat", type=int, default=1, metavar="N",
                         help="run each timed measurement N times and keep the best (default: 1)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
@@ -158,7 +168,8 @@ def _progress(message: str) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run every measurement of every scale; return the report (see ``--json``)."""
-    base = workload.WorkloadSpec(users=args.users, triggers=args.triggers, seed=args.seed)
+    base = workload.WorkloadSpec(users=args.users, triggers=args.triggers, seed=args.seed,
+                                 email_every=max(args.email_every, 0))
     scales = list(dict.fromkeys(args.scale))  # in the order given, without repeats
     runs: list[dict[str, Any]] = []
     problems: list[str] = []
@@ -179,7 +190,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 with db.connection(bench_url) as conn:
                     db.migrate(conn)
                 with_reference = not args.skip_reference and (scale == 1 or args.reference_all_scales)
-                result = ScaleBench(bench_url, found.redis_url, base, scale, args.repeat).run(
+                result = ScaleBench(bench_url, found.redis_url, base, scale, args.repeat,
+                                    delivery_sample=args.delivery_sample).run(
                     with_reference=with_reference,
                     reference_note=("--skip-reference" if args.skip_reference else
                                     "reference runs on scale 1 only (--reference-all-scales to change)"),
@@ -266,7 +278,7 @@ def _delete_namespace(redis_url: str, namespace: str) -> None:
 
 def _label(base: workload.WorkloadSpec, scale: int) -> str:
     """``W1``, ``10xW1`` for the design's workload; ``x1``, ``x10`` for another base size."""
-    name = "W1" if dataclasses.replace(base, seed=1) == workload.WorkloadSpec() else ""
+    name = "W1" if dataclasses.replace(base, seed=1, email_every=0) == workload.WorkloadSpec() else ""
     if not name:
         return f"x{scale}"
     return name if scale == 1 else f"{scale}x{name}"
@@ -279,8 +291,10 @@ def _best(times: list[float]) -> float:
 class ScaleBench:
     """The measurements of one scale, on one scratch database."""
 
-    def __init__(self, url: str, redis_url: str, base: workload.WorkloadSpec, scale: int, repeat: int) -> None:
+    def __init__(self, url: str, redis_url: str, base: workload.WorkloadSpec, scale: int, repeat: int,
+                 delivery_sample: int = 25_000) -> None:
         spec = base.scaled(scale)
+        self.delivery_sample = delivery_sample
         self.url = url
         self.redis_url = redis_url
         self.spec = spec
@@ -350,6 +364,57 @@ class ScaleBench:
             "batches": sum(s.batches for s in summaries),
             "counts": counts,
             "peak_mb": round(peak / 2**20, 1) if peak is not None else None,
+        }
+
+    # ------------------------------------------------------------------------------ the delivery
+
+    def run_delivery(self) -> dict[str, Any]:
+        """Send (and record) the outbox's email deliveries to a local SMTP sink, one SMTP connection at a time
+        (one per batch: the urgent ones, then the normal ones)."""
+        import tempfile
+
+        os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="herald-bench-airflow-home-"))
+        from herald import channels
+        from herald.channels.email import EmailSender
+        from herald.channels.smtp_sink import SmtpSink
+        from herald.config import SMTP_CONN_ID
+
+        env_name = f"AIRFLOW_CONN_{SMTP_CONN_ID.upper()}"
+        previous = os.environ.get(env_name)
+        settings = dataclasses.replace(Settings(), delivery_batch_size=1_000_000, delivery_max_per_run=10_000_000)
+        with SmtpSink(keep_messages=False) as sink:
+            os.environ[env_name] = sink.connection_uri()
+            try:
+                with db.connection(self.url, autocommit=True) as conn:
+                    summary = channels.claim(conn, f"bench-delivery-{uuid.uuid4().hex[:8]}", settings,
+                                             channels=["email"], limit=self.delivery_sample)
+                    sender = EmailSender()
+                    sent = seconds = send_seconds = 0.0
+                    for batch in summary.batches:
+                        result = channels.deliver_batch(conn, batch, sender, settings)
+                        sent += result.sent
+                        seconds += result.duration_seconds
+                        send_seconds += result.send_seconds
+            finally:
+                if previous is None:
+                    os.environ.pop(env_name, None)
+                else:
+                    os.environ[env_name] = previous
+            received = sink.count
+        claimed = sum(b.deliveries for b in summary.batches)
+        problem = None
+        if not (claimed and sent == claimed == received):
+            problem = (f"delivery: {claimed:,} email deliveries claimed, {int(sent):,} recorded sent, "
+                       f"{received:,} received by the SMTP sink")
+        # One connection at a time (a login per batch: urgent, then normal), so the rate over the whole
+        # time is the rate of one connection.
+        return {
+            "delivery_messages": int(sent),
+            "delivery_seconds": round(seconds, 4),
+            "delivery_send_seconds": round(send_seconds, 4),
+            "delivery_smtp_connections": sender.connections,
+            "delivery_messages_per_second_per_connection": round(sent / seconds, 1) if seconds else None,
+            "delivery_problem": problem,
         }
 
     # ------------------------------------------------------------------------------ the COPY floor
@@ -423,6 +488,17 @@ class ScaleBench:
                 self._progress(f"core run {i + 1}/{self.repeat}: {core['seconds']:.3f} s, "
                                f"{core['statements']} SQL statements, {core['redis_commands']:,} Redis commands "
                                f"in {core['redis_round_trips']} round trips")
+
+            # 2b. The email deliveries the last core run wrote, to a local SMTP sink on one connection.
+            delivery: dict[str, Any] | None = None
+            if spec.email_every:
+                delivery = self.run_delivery()
+                self._progress(f"delivery: {delivery['delivery_messages']:,} emails in "
+                               f"{delivery['delivery_seconds']:.3f} s on {delivery['delivery_smtp_connections']} "
+                               f"SMTP connection(s): {delivery['delivery_messages_per_second_per_connection']:,} "
+                               "messages/s per connection")
+                if delivery["delivery_problem"]:
+                    problems.append(delivery["delivery_problem"])
 
             # 3. The COPY floor: the same rows, into the same table with its indexes.
             copy_times: list[float] = []
@@ -501,6 +577,8 @@ class ScaleBench:
             "core_redis_commands": core["redis_commands"],
             "core_redis_round_trips": core["redis_round_trips"],
             "core_peak_mb": traced["peak_mb"],
+            "core_deliveries": core["counts"].get("deliveries", 0),
+            **(delivery or {}),
             "reference_same_notifications": comparison["same"] if comparison else None,
             "reference_skipped": None if with_reference else reference_note,
             "reference_summary": reference["summary"] if reference else None,
@@ -552,6 +630,8 @@ def format_report(report: dict[str, Any]) -> str:
 
     rows: list[tuple[str, Callable[[dict[str, Any]], str], str]] = [
         ("users / pending triggers", lambda r: f"{r['workload']['users']:,} / {r['workload']['triggers']:,}", ""),
+        ("users with an email channel", lambda r: count(r["workload"]["users"] // r["workload"]["email_every"]
+                                                        if r["workload"].get("email_every") else 0), ""),
         ("notifications", lambda r: count(r["notifications"]), ""),
         ("batches", lambda r: count(r["batches"]), ""),
         ("copy_floor_seconds", lambda r: seconds(r["copy_floor_seconds"]), ""),
@@ -568,6 +648,10 @@ def format_report(report: dict[str, Any]) -> str:
         ("core_redis_commands (round trips)",
          lambda r: f"{r['core_redis_commands']:,} ({r['core_redis_round_trips']:,})", ""),
         ("core_peak_mb (tracemalloc)", lambda r: ratio(r["core_peak_mb"]), ""),
+        ("core deliveries (outbox)", lambda r: count(r.get("core_deliveries")), ""),
+        ("email deliveries sent (bench)", lambda r: count(r.get("delivery_messages")), ""),
+        ("delivery msgs/s per SMTP connection",
+         lambda r: ratio(r.get("delivery_messages_per_second_per_connection")), ""),
         ("reference = core notifications", lambda r: {None: "-", True: "yes", False: "NO"}[
             r["reference_same_notifications"]], "identical"),
     ]

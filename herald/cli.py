@@ -46,7 +46,8 @@ def _cmd_demo_seed(args: argparse.Namespace) -> int:
     with services.ensure_services(need_redis=False) as found:
         with db.connection(found.database_url) as conn:
             db.migrate(conn)
-            spec = workload.WorkloadSpec(users=args.users, triggers=args.triggers, seed=args.seed)
+            spec = workload.WorkloadSpec(users=args.users, triggers=args.triggers, seed=args.seed,
+                                         email_every=args.email_every)
             summary = workload.seed(conn, spec, reset=args.reset)
     print(summary)
     return 0
@@ -114,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     seed.add_argument("--triggers", type=int, default=1_000)
     seed.add_argument("--seed", type=int, default=1)
     seed.add_argument("--reset", action="store_true", help="empty the contract tables first")
+    seed.add_argument("--email-every", type=int, default=0, metavar="N",
+                      help="give one user in N an email channel (user<id>@example.test), for notification_delivery")
     seed.set_defaults(func=_cmd_demo_seed)
 
     bench = sub.add_parser("bench", help="benchmark W1: COPY floor, processing core, reference")

@@ -17,13 +17,27 @@ HOUSEKEEPING_DAG_ID = "notification_housekeeping"
 URGENT_DAG_ID = "notification_urgent"
 #: The asset whose watcher (herald.urgent) wakes the urgent lane.
 URGENT_ASSET = "herald_urgent_triggers"
+DELIVERY_DAG_ID = "notification_delivery"
 
 POSTGRES_CONN_ID = "notifications_db"
 REDIS_CONN_ID = "notifications_redis"
+#: Email deliveries go through this SMTP connection (conn_type ``smtp``; extras ``from_email`` ...).
+SMTP_CONN_ID = "notifications_smtp"
+#: Webhook signing secret (``whsec_...``) in this connection's password; an endpoint's own secret may
+#: live in ``notifications_webhook_<host>`` (see ``herald.channels.webhook``).
+WEBHOOK_CONN_ID = "notifications_webhook"
 
 POOL_NORMAL = "notifications"
 POOL_URGENT = "urgent_notifications"
 QUEUE_URGENT = "urgent"
+
+#: The channels herald delivers to beyond the inbox, each with the Airflow pool of its send tasks, so a
+#: slow SMTP server holds back only email. Urgent deliveries of every channel go through POOL_URGENT.
+CHANNELS = ("email", "webhook", "apprise")
+POOL_EMAIL = "email_deliveries"
+POOL_WEBHOOK = "webhook_deliveries"
+POOL_APPRISE = "apprise_deliveries"
+CHANNEL_POOLS = {"email": POOL_EMAIL, "webhook": POOL_WEBHOOK, "apprise": POOL_APPRISE}
 
 #: The project root (``herald`` is installed editable from it) and its SQL folder.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -47,6 +61,13 @@ BOUNDS: dict[str, tuple[int, int]] = {
     "preferences_ttl_seconds": (1, 7 * 24 * 3600),
     "favorites_ttl_seconds": (1, 7 * 24 * 3600),
     "retention_days": (1, 3650),
+    "delivery_max_attempts": (1, 100),
+    "delivery_backoff_seconds": (1, 24 * 3600),
+    "delivery_max_backoff_seconds": (1, 7 * 24 * 3600),
+    "delivery_timeout_seconds": (1, 300),
+    "delivery_batch_size": (1, 1_000_000),
+    "delivery_max_per_run": (1, 10_000_000),
+    "delivery_claim_lease_seconds": (1, 7 * 24 * 3600),
 }
 
 
@@ -75,6 +96,20 @@ class Settings:
     cache_namespace: str = "herald:v1"
     #: Outcome and run records older than this are removed by housekeeping (held ones never are).
     retention_days: int = 30
+    #: Channel deliveries (``notification_delivery``): sends of one delivery before it ends ``failed``
+    #: with its last error; the wait before try n+1 is ``backoff * 2**(n-1)`` capped at ``max_backoff``,
+    #: times a random factor in [0.5, 1] (jitter), and never less than a receiver's ``Retry-After``.
+    delivery_max_attempts: int = 8
+    delivery_backoff_seconds: int = 30
+    delivery_max_backoff_seconds: int = 3600
+    #: Per webhook request (connect and read) and per SMTP connection.
+    delivery_timeout_seconds: int = 10
+    #: Deliveries per mapped send task (one SMTP connection, one HTTP session each) and per run.
+    delivery_batch_size: int = 5_000
+    delivery_max_per_run: int = 50_000
+    #: How long a run's claim on deliveries holds before another run may take them over: it covers the
+    #: wait for a pool slot; a send task renews it for each chunk it sends and holds the chunk's rows.
+    delivery_claim_lease_seconds: int = 600
 
     def __post_init__(self) -> None:
         for name, (low, high) in BOUNDS.items():

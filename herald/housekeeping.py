@@ -1,4 +1,5 @@
-"""Housekeeping: expired claims, old outcome and run records, Redis keys, late digests, and ``herald verify``."""
+"""Housekeeping: expired claims, old outcome, delivery and run records, Redis keys, late digests, and
+``herald verify``."""
 
 from __future__ import annotations
 
@@ -38,6 +39,15 @@ def run(conn: psycopg.Connection, client: redis.Redis | None, settings: Settings
         if n < PURGE_CHUNK:
             break
     done["old_outcomes_purged"] = purged
+    purged = 0
+    while True:
+        with conn.transaction():
+            n = db.run(conn, "purge_old_deliveries",
+                       {"retention_days": settings.retention_days, "chunk": PURGE_CHUNK}).rowcount
+        purged += n
+        if n < PURGE_CHUNK:
+            break
+    done["old_deliveries_purged"] = purged
     with conn.transaction():
         done["old_runs_purged"] = db.run(conn, "purge_old_runs", {"retention_days": settings.retention_days}).rowcount
     digests = send_digests(conn, settings)

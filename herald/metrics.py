@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 from herald.config import METRICS_PREFIX
 
 if TYPE_CHECKING:
+    from herald.channels.claiming import ClaimSummary
+    from herald.channels.sending import DeliveryResult
     from herald.claiming import Batch
     from herald.pipeline import RunSummary
     from herald.processing import BatchResult
@@ -60,3 +62,15 @@ def run_finished(summary: RunSummary) -> None:
 def verified(violations: int) -> None:
     """What housekeeping's ``herald verify`` found (0 on a healthy system)."""
     _stats().gauge(_name("verify", "violations"), violations)
+
+
+def deliveries_claimed(summary: ClaimSummary) -> None:
+    _stats().incr(_name("deliveries", "claimed"), sum(b.deliveries for b in summary.batches))
+
+
+def deliveries_recorded(result: DeliveryResult) -> None:
+    """``herald.deliveries.{sent,retried,failed,disabled}.<channel>`` for one send task."""
+    stats = _stats()
+    for kind in ("sent", "retried", "failed", "disabled"):
+        stats.incr(_name("deliveries", kind, result.channel), getattr(result, kind))
+    stats.timing(_name("deliveries", "batch", "duration"), result.duration_seconds * 1000)

@@ -39,7 +39,8 @@ class RunSummary:
 
 def summarise(results: Iterable[dict[str, Any]]) -> dict[str, int]:
     """Counts per outcome and per trigger end over a run's batch results (``BatchResult.to_dict()``)."""
-    counts = dict.fromkeys((*OUTCOMES, "triggers", "triggers_done", "triggers_failed", "recipients"), 0)
+    counts = dict.fromkeys(
+        (*OUTCOMES, "triggers", "triggers_done", "triggers_failed", "recipients", "deliveries"), 0)
     for r in results:
         for key in counts:
             counts[key] += int(r.get(key, 0) or 0)
@@ -68,6 +69,7 @@ def finalize(
         passed = send_digests(conn, settings)
         summary.digests = passed.sent
         summary.counts["digested"] = passed.folded  # batches never digest; this pass does
+        summary.counts["deliveries"] += passed.deliveries
     summary.counts["digests_sent"] = summary.digests
     with conn.transaction():
         db.run(conn, "finish_run", {"run_id": claim_id, "counts": Jsonb(summary.counts)})

@@ -4,6 +4,11 @@ Set-based throughout: whatever the number of triggers and users, a batch costs a
 statements (start, load triggers, templates, recipients, preferences, lock, rate state, three writes)
 and at most three Redis round trips (two cache reads, one cache write).
 
+Outbox: the statement that writes the notifications also writes their deliveries (one per enabled
+channel address of the user that no channel preference disables, ``notification_deliveries``), so a
+notification and its deliveries exist together or not at all; the ``notification_delivery`` DAG sends
+them (``herald.channels``).
+
 Every recipient of a finished trigger ends with exactly one outcome: ``delivered`` (its row in
 ``notifications``), or a row in ``notification_outcomes`` (``skipped_preference``, ``rate_limited``,
 ``failed``). A trigger that cannot be processed at all (unknown type, a payload that cannot be decoded
@@ -74,6 +79,8 @@ class BatchResult:
     skipped_preference: int = 0
     rate_limited: int = 0
     failed: int = 0
+    #: Channel deliveries written with the notifications (the outbox); a dry run does not count them.
+    deliveries: int = 0
     redis_available: bool = True
     duration_seconds: float = 0.0
 
@@ -312,12 +319,17 @@ def _load_recipients(
 
 
 def _write(conn: psycopg.Connection, plan: _Plan, claim_id: str, result: BatchResult) -> None:
-    """Write the plan and count what was written; roll back if any loaded trigger could not be ended."""
+    """Write the plan (notifications with their deliveries, outcomes, trigger ends) and count what was
+    written; roll back if any loaded trigger could not be ended."""
     if plan.notif_users:
-        result.delivered = db.run(conn, "insert_notifications", {
+        result.delivered, deliveries = db.run(conn, "insert_notifications", {
             "trigger_ids": plan.notif_triggers, "user_ids": plan.notif_users,
             "msg_trigger_ids": plan.msg_triggers, "titles": plan.titles, "bodies": plan.bodies,
-        }).rowcount
+        }).fetchone()
+        result.deliveries = sum(deliveries.values())
+        if deliveries:
+            log.info("batch of %s: %s deliveries in the outbox (%s)", claim_id, result.deliveries,
+                     ", ".join(f"{channel} {n}" for channel, n in sorted(deliveries.items())))
         if result.delivered != len(plan.notif_users):
             log.warning("batch of %s: %s of %s notifications existed already", claim_id,
                         len(plan.notif_users) - result.delivered, len(plan.notif_users))

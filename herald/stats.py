@@ -29,7 +29,15 @@ Nothing returned carries a payload or any user data: ids, types, counts, duratio
                       "duration_seconds", "triggers", "counts": {...}}],          # newest first, 10
      "cache": {"available": true, "hits": 900, "misses": 100, "hit_ratio": 0.9},
      "series": {"bucket_seconds": 3600,  # 24 points, oldest first
-                "points": [{"start", "runs", "triggers_processed", "delivered", "backlog"}]}}
+                "points": [{"start", "runs", "triggers_processed", "delivered", "backlog"}]},
+     "deliveries": {"channels": {"email" | "webhook" | "apprise": {
+                        "pending", "due", "retrying", "oldest_pending_age_seconds",
+                        "last_24h": {"pending", "sent", "failed", "disabled"}}},
+                    "failures": [{"channel", "status", "reason", "count", "latest"}]}}   # top 10
+
+``deliveries`` is the outbox of channel deliveries (email, webhooks, Apprise): the pending ones now
+(through the partial index on pending), what became of those written in the last 24 hours (BRIN on
+``created_at``), and the most frequent reasons of failed and disabled ones (partial index).
 
 A point's ``backlog`` is what the last run finished in that hour recorded as ``counts.backlog`` (pending
 triggers it saw), or null; the last point always holds the current backlog.
@@ -63,6 +71,9 @@ SERIES_BUCKETS = 24
 MAX_RUN_SECONDS = 6 * 3600
 RECENT_RUNS = 10
 FAILED_LIMIT_MAX = 500
+DELIVERY_CHANNELS = ("email", "webhook", "apprise")
+DELIVERY_STATUSES = ("pending", "sent", "failed", "disabled")
+DELIVERY_FAILURE_REASONS = 10
 
 
 # ------------------------------------------------------------------------------------------- queries
@@ -210,6 +221,28 @@ def _recent_runs(conn: Any, limit: int = RECENT_RUNS) -> list[dict[str, Any]]:
     ]
 
 
+def _deliveries(conn: Any) -> dict[str, Any]:
+    channels: dict[str, dict[str, Any]] = {
+        c: {"pending": 0, "due": 0, "retrying": 0, "oldest_pending_age_seconds": None,
+            "last_24h": dict.fromkeys(DELIVERY_STATUSES, 0)}
+        for c in DELIVERY_CHANNELS
+    }
+    for r in _query(conn, "stats_deliveries_pending"):
+        entry = channels.setdefault(r["channel"], {"last_24h": dict.fromkeys(DELIVERY_STATUSES, 0)})
+        entry.update(pending=int(r["pending"]), due=int(r["due"]), retrying=int(r["retrying"]),
+                     oldest_pending_age_seconds=_seconds(r["oldest_age_seconds"]))
+    for r in _query(conn, "stats_deliveries_recent", {"window_seconds": LONG_WINDOW_SECONDS}):
+        channels.setdefault(r["channel"], {"pending": 0, "due": 0, "retrying": 0, "oldest_pending_age_seconds": None,
+                                           "last_24h": dict.fromkeys(DELIVERY_STATUSES, 0)})
+        channels[r["channel"]]["last_24h"][r["status"]] = int(r["n"])
+    failures = [
+        {"channel": r["channel"], "status": r["status"], "reason": r["reason"], "count": int(r["n"]),
+         "latest": _iso(r["latest"])}
+        for r in _query(conn, "stats_delivery_failures", {"limit": DELIVERY_FAILURE_REASONS})
+    ]
+    return {"channels": channels, "failures": failures}
+
+
 def cache_stats(redis_client: Any | None, settings: Settings) -> dict[str, Any]:
     """Hit/miss counters and the hit ratio; all ``None`` when Redis is missing or unreachable."""
     result: dict[str, Any] = {"available": False, "hits": None, "misses": None, "hit_ratio": None}
@@ -242,6 +275,7 @@ def queue_stats(conn: Any, redis_client: Any | None, settings: Settings) -> dict
         totals = _run_totals(conn)
         series = _series(conn, backlog["backlog"]["total"])
         runs = _recent_runs(conn)
+        deliveries = _deliveries(conn)
     return {
         "generated_at": _iso(dt.datetime.now(dt.UTC)),
         **backlog,
@@ -249,6 +283,7 @@ def queue_stats(conn: Any, redis_client: Any | None, settings: Settings) -> dict
         "recent_runs": runs,
         "cache": cache_stats(redis_client, settings),
         "series": series,
+        "deliveries": deliveries,
     }
 
 
@@ -391,6 +426,20 @@ def render(stats: Mapping[str, Any]) -> str:
         )
     else:
         lines.append("(no runs yet)")
+    deliveries = stats.get("deliveries")
+    if deliveries:
+        lines += ["", "channel deliveries (the outbox)"]
+        lines += _table(
+            ["channel", "pending", "due", "retrying", "oldest pending", "sent 24h", "failed 24h", "disabled 24h"],
+            [
+                [channel, _count(c["pending"]), _count(c["due"]), _count(c["retrying"]),
+                 _age(c["oldest_pending_age_seconds"]), _count(c["last_24h"]["sent"]),
+                 _count(c["last_24h"]["failed"]), _count(c["last_24h"]["disabled"])]
+                for channel, c in deliveries["channels"].items()
+            ],
+        )
+        for f in deliveries["failures"]:
+            lines.append(f"  {f['count']:>7,}  {f['channel']} {f['status']}: {f['reason']}")
     return "\n".join(lines)
 
 

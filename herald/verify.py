@@ -8,7 +8,13 @@ Each check names what broke it (a trigger or a user), so a failing check is a le
   some sliding window;
 - ``undigested``: a held notification older than the window (plus a grace period) whose user has
   budget again, still not folded into a digest;
-- ``expired_claim``: a claim whose lease ran out (plus a grace period) that nobody took over.
+- ``expired_claim``: a claim whose lease ran out (plus a grace period) that nobody took over;
+- ``missing_delivery``: a notification of a user with an enabled channel (not disabled for its type)
+  and no delivery row for it: the outbox lost one;
+- ``expired_delivery_claim``: a delivery still pending under a claim whose lease ran out (plus a grace
+  period): a delivery run died and nobody took it over;
+- ``overdue_delivery``: a delivery due for longer than a grace period that nobody claimed: the
+  ``notification_delivery`` DAG is not running or not keeping up.
 
 Cheap enough to run after every test scenario and from housekeeping (which logs what it finds and
 sets the gauge ``herald.verify.violations``). Each check reads through an index, bounded by
@@ -36,8 +42,11 @@ LIMIT = 100
 #: housekeeping; a dead run's claims are taken over by the next run's claim.
 UNDIGESTED_GRACE_SECONDS = 15 * 60
 EXPIRED_CLAIM_GRACE_SECONDS = 10 * 60
+#: notification_delivery runs every minute; a due delivery waits at most that plus a run's length.
+OVERDUE_DELIVERY_GRACE_SECONDS = 15 * 60
 
-KINDS = ("outcome_count", "duplicate_outcome", "over_limit", "undigested", "expired_claim")
+KINDS = ("outcome_count", "duplicate_outcome", "over_limit", "undigested", "expired_claim",
+         "missing_delivery", "expired_delivery_claim", "overdue_delivery")
 
 
 @dataclass(frozen=True)
@@ -101,6 +110,9 @@ def verify(conn: psycopg.Connection, settings: Settings, since: dt.datetime | No
             ("over_limit", _over_limit(conn, params)),
             ("undigested", _undigested(conn, params)),
             ("expired_claim", _expired_claims(conn, params)),
+            ("missing_delivery", _missing_deliveries(conn, params)),
+            ("expired_delivery_claim", _expired_delivery_claims(conn, params)),
+            ("overdue_delivery", _overdue_deliveries(conn, params)),
         ):
             found = list(violations)
             report.counts[kind] = len(found)
@@ -147,6 +159,30 @@ def _expired_claims(conn: psycopg.Connection, params: dict[str, Any]) -> Iterato
     for trigger_id, claimed_by, expired in rows:
         yield Violation("expired_claim", f"trigger {trigger_id}",
                         f"claimed by {claimed_by!r}, lease ran out at {expired.isoformat()}, not taken over")
+
+
+def _missing_deliveries(conn: psycopg.Connection, params: dict[str, Any]) -> Iterator[Violation]:
+    began = db.run(conn, "verify/outbox_since").fetchone()
+    since = max(params["since"], began[0]) if began else params["since"]
+    for notification_id, user_id, channel in db.run(conn, "verify/missing_deliveries", params | {"since": since}):
+        yield Violation("missing_delivery", f"notification {notification_id} / user {user_id}",
+                        f"user has an enabled {channel} channel and no {channel} delivery (or its channel "
+                        "preference changed since)")
+
+
+def _expired_delivery_claims(conn: psycopg.Connection, params: dict[str, Any]) -> Iterator[Violation]:
+    rows = db.run(conn, "verify/expired_delivery_claims", params | {"grace_seconds": EXPIRED_CLAIM_GRACE_SECONDS})
+    for delivery_id, channel, claimed_by, expired in rows:
+        yield Violation("expired_delivery_claim", f"delivery {delivery_id}",
+                        f"{channel} delivery claimed by {claimed_by!r}, lease ran out at {expired.isoformat()}, "
+                        "not taken over")
+
+
+def _overdue_deliveries(conn: psycopg.Connection, params: dict[str, Any]) -> Iterator[Violation]:
+    rows = db.run(conn, "verify/overdue_deliveries", params | {"grace_seconds": OVERDUE_DELIVERY_GRACE_SECONDS})
+    for delivery_id, channel, due, attempts in rows:
+        yield Violation("overdue_delivery", f"delivery {delivery_id}",
+                        f"{channel} delivery due since {due.isoformat()} ({attempts} attempts so far), not claimed")
 
 
 # ------------------------------------------------------------------------------------------ command

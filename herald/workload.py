@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 CONTRACT_DATA_TABLES = (
     "notifications", "notification_outcomes", "notification_triggers",
     "user_notification_preferences", "user_favorites", "users", "herald_runs",
+    "user_channels", "notification_deliveries",
 )
 
 
@@ -33,6 +34,9 @@ class WorkloadSpec:
     #: Triggers already done before the pending ones (history, for realistic index sizes).
     done_triggers: int = 0
     seed: int = 1
+    #: One user in ``email_every`` has an email channel (0: nobody; 2: half the users), so the outbox
+    #: writes an email delivery with each of their notifications (``herald bench --email-every 2``).
+    email_every: int = 0
 
     def scaled(self, factor: int) -> WorkloadSpec:
         """The same shape ``factor`` times larger (users, entities and triggers)."""
@@ -40,7 +44,7 @@ class WorkloadSpec:
             users=self.users * factor, triggers=self.triggers * factor,
             favorites_per_user=self.favorites_per_user, entities=self.entities * factor,
             urgent_every=self.urgent_every, disabled_every=self.disabled_every,
-            done_triggers=self.done_triggers * factor, seed=self.seed,
+            done_triggers=self.done_triggers * factor, seed=self.seed, email_every=self.email_every,
         )
 
 
@@ -57,7 +61,7 @@ def seed(conn: psycopg.Connection, spec: WorkloadSpec, *, reset: bool = False) -
     params = {
         "users": spec.users, "entities": spec.entities, "favs": spec.favorites_per_user,
         "triggers": spec.triggers, "urgent_every": spec.urgent_every, "disabled_every": spec.disabled_every,
-        "done": spec.done_triggers, "seed": spec.seed,
+        "done": spec.done_triggers, "seed": spec.seed, "email_every": spec.email_every,
     }
     # Entity of favorite k of user u: ((u * 7919 + k * 729 + seed) mod E) + 1. 729 is coprime to every
     # E used here that is not a multiple of 3, so a user's favorites are distinct while k < E.
@@ -85,6 +89,14 @@ def seed(conn: psycopg.Connection, spec: WorkloadSpec, *, reset: bool = False) -
             FROM generate_series(1, %(users)s) u
             WHERE u %% %(disabled_every)s = 0
             """, params)
+        if spec.email_every:
+            conn.execute(
+                """
+                INSERT INTO user_channels (user_id, channel, address)
+                SELECT %(base)s + u, 'email', 'user' || (%(base)s + u) || '@example.test'
+                FROM generate_series(1, %(users)s) u
+                WHERE u %% %(email_every)s = 0
+                """, params)
         # History first (done), then the pending triggers: urgent ones are event reminders.
         conn.execute(
             """
@@ -111,6 +123,7 @@ def seed(conn: psycopg.Connection, spec: WorkloadSpec, *, reset: bool = False) -
     conn.execute("ANALYZE")
     summary = (f"seeded {spec.users:,} users, {spec.users * spec.favorites_per_user:,} favorites over "
                f"{spec.entities:,} entities, {spec.triggers:,} pending triggers"
-               f" ({spec.triggers // spec.urgent_every:,} urgent), {spec.done_triggers:,} done")
+               f" ({spec.triggers // spec.urgent_every:,} urgent), {spec.done_triggers:,} done"
+               + (f", {spec.users // spec.email_every:,} email channels" if spec.email_every else ""))
     log.info(summary)
     return summary

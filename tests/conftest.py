@@ -42,6 +42,8 @@ CONTRACT_AND_PIPELINE_TABLES = (
     "notifications",
     "notification_outcomes",
     "herald_runs",
+    "user_channels",
+    "notification_deliveries",
 )
 
 

@@ -95,8 +95,8 @@ def test_airflow_settings_mirror_the_names_and_defaults_of_herald_config(
     connections = {c["conn_id"] for c in airflow_settings.get("connections") or []}
     pools = {p["pool_name"] for p in airflow_settings.get("pools") or []}
     variables = {v["variable_name"]: v["variable_value"] for v in airflow_settings.get("variables") or []}
-    assert {config.POSTGRES_CONN_ID, config.REDIS_CONN_ID} <= connections
-    assert {config.POOL_NORMAL, config.POOL_URGENT} <= pools
+    assert {config.POSTGRES_CONN_ID, config.REDIS_CONN_ID, config.SMTP_CONN_ID, config.WEBHOOK_CONN_ID} <= connections
+    assert {config.POOL_NORMAL, config.POOL_URGENT, *config.CHANNEL_POOLS.values()} <= pools
     assert variables == {name: str(value) for name, value in config.defaults().items()}
 
 
@@ -113,3 +113,21 @@ def test_the_urgent_lane_is_one_task_in_the_urgent_pool_and_queue_woken_by_its_w
     assert isinstance(watcher.trigger, UrgentTriggersWaiting)
     assert dag.max_active_runs > 1  # a slow urgent run does not hold up the next one
     assert dag.catchup is False
+
+
+def test_notification_delivery_runs_every_minute_with_a_pool_per_channel(dags: dict[str, Any]) -> None:
+    if config.DELIVERY_DAG_ID not in dags:
+        pytest.fail(f"DAG {config.DELIVERY_DAG_ID!r} not found; the DAGs found are {sorted(dags)}")
+    dag = dags[config.DELIVERY_DAG_ID]
+    schedule = dag.schedule if isinstance(dag.schedule, str) else getattr(dag.timetable, "expression", None)
+    assert schedule == "* * * * *"
+    assert dag.catchup is False and dag.max_active_runs == 1
+    assert set(dag.params.keys()) == {"redeliver_failed", "channels", "max_deliveries"}
+    sends = {t.task_id: t for t in dag.tasks if t.task_id.startswith("send_")}
+    assert {tid: (t.pool, t.is_mapped) for tid, t in sends.items()} == {
+        "send_urgent": (config.POOL_URGENT, True),
+        **{f"send_{c}": (config.CHANNEL_POOLS[c], True) for c in config.CHANNELS},
+    }
+    urgent = sends["send_urgent"]
+    assert (urgent.queue, urgent.priority_weight) == (config.QUEUE_URGENT, 100)
+    assert len({config.CHANNEL_POOLS[c] for c in config.CHANNELS}) == len(config.CHANNELS)

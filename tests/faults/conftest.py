@@ -108,8 +108,14 @@ class Faults:
 
 
 def settle(pg, settings: Settings, case: str, injected: str, *, triggers: int | None = None,
-           command: str | None = None) -> dict:
-    """Check the books after a fault case and record its row; every figure must be 0."""
+           command: str | None = None, seen: dict[int, list[str]] | None = None) -> dict:
+    """Check the books after a fault case and record its row; every figure must be 0.
+
+    ``seen`` (delivery cases): per delivery id, the idempotency ids the real receivers saw, one per
+    message. Then every delivery must be recorded (not pending), every ``sent`` one seen, and none seen
+    under two ids or not at all herald's: a delivery lost or duplicated in the books or at a receiver
+    counts as lost or duplicated; a resend under the same id (at least once) is counted as ``resent``.
+    """
     report = verify.verify(pg, settings)
     pending = pg.execute("SELECT count(*) FROM notification_triggers WHERE status = 'pending'").fetchone()[0]
     total, recipients = pg.execute(
@@ -118,6 +124,14 @@ def settle(pg, settings: Settings, case: str, injected: str, *, triggers: int | 
                          if v.detail.endswith("lost"))
     duplicated = len(report.of("duplicate_outcome")) + sum(
         int(v.detail.split(": ")[1].split()[0]) for v in report.of("outcome_count") if v.detail.endswith("too many"))
+    extra: dict = {}
+    if seen is not None:
+        deliveries = dict(pg.execute("SELECT id, status FROM notification_deliveries").fetchall())
+        unrecorded = [i for i, status in deliveries.items() if status == "pending"]
+        unseen = [i for i, status in deliveries.items() if status == "sent" and not seen.get(i)]
+        lost += len(unrecorded) + len(unseen)
+        duplicated += sum(1 for i, ids in seen.items() if len(set(ids)) > 1 or i not in deliveries)
+        extra = {"deliveries": len(deliveries), "resent": sum(max(len(ids) - 1, 0) for ids in seen.values())}
     row = {
         "case": case,
         "injected": injected,
@@ -128,6 +142,7 @@ def settle(pg, settings: Settings, case: str, injected: str, *, triggers: int | 
         "over_limit": len(report.of("over_limit")),
         "verify": "clean" if report.ok else report.describe(),
         "command": command or f"./scripts/test {os.environ.get('PYTEST_CURRENT_TEST', '').split(' ')[0]}",
+        **extra,
     }
     _record(row)
     assert report.ok, report.describe()

@@ -145,7 +145,7 @@ def test_first_apply_creates_every_entry_of_the_project_file(env: dict[str, str]
     report = statuses(apply(env))
 
     entries = settings_entries(project_settings())
-    assert len(entries) == 2 + 2 + len(defaults())
+    assert len(entries) == 4 + 5 + len(defaults())  # connections, pools, variables
     assert report == {entry: ("created", None) for entry in entries}
     state = read_state(env)
     assert state["connections"] == {
@@ -167,11 +167,33 @@ def test_first_apply_creates_every_entry_of_the_project_file(env: dict[str, str]
             "port": 6379,
             "extra": {"db": 0},
         },
+        "notifications_smtp": {
+            "conn_type": "smtp",
+            "host": "127.0.0.1",
+            "schema": None,
+            "login": None,
+            "password": None,
+            "port": 1025,
+            "extra": {"from_email": "herald <notifications@example.test>", "disable_ssl": True,
+                      "disable_tls": True, "timeout": 10, "retry_limit": 0},
+        },
+        "notifications_webhook": {  # its secret comes from the environment, never from the file
+            "conn_type": "generic",
+            "host": None,
+            "schema": None,
+            "login": None,
+            "password": None,
+            "port": None,
+            "extra": {},
+        },
     }
     assert {name: pool["slots"] for name, pool in state["pools"].items()} == {
         "default_pool": 128,  # Airflow's own, left alone
         "notifications": 8,
         "urgent_notifications": 4,
+        "email_deliveries": 2,
+        "webhook_deliveries": 2,
+        "apprise_deliveries": 1,
     }
     assert state["pools"]["urgent_notifications"]["description"]
     assert state["variables"] == {name: str(value) for name, value in defaults().items()}
@@ -268,9 +290,13 @@ def test_dry_run_reports_what_would_change_and_writes_nothing(env: dict[str, str
 def test_the_project_file_parses_into_its_entries() -> None:
     settings = load_settings_file(SETTINGS_FILE)
 
-    assert [c.name for c in settings.connections] == ["notifications_db", "notifications_redis"]
+    assert [c.name for c in settings.connections] == [
+        "notifications_db", "notifications_redis", "notifications_smtp", "notifications_webhook"]
     assert settings.connections[1].extra == {"db": 0}
-    assert {p.name: p.slots for p in settings.pools} == {"notifications": 8, "urgent_notifications": 4}
+    assert settings.connections[2].extra["retry_limit"] == 0 and not settings.connections[3].password
+    assert {p.name: p.slots for p in settings.pools} == {"notifications": 8, "urgent_notifications": 4,
+                                                          "email_deliveries": 2, "webhook_deliveries": 2,
+                                                          "apprise_deliveries": 1}
     assert {v.name: v.value for v in settings.variables} == {k: str(v) for k, v in defaults().items()}
 
 

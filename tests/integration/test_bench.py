@@ -86,3 +86,22 @@ def test_bench_fails_loudly_when_the_reference_disagrees(bench_database, monkeyp
     captured = capsys.readouterr()
     assert status != 0
     assert "different notifications" in captured.err
+
+
+def test_bench_delivery_figure_with_email_channels(tmp_path, bench_database, capsys):
+    """--email-every 2: half the users have an email channel; the core writes their deliveries, which
+    are then sent to a local SMTP sink on one connection and recorded (the delivery figure)."""
+    out = tmp_path / "bench.json"
+    status = bench.main(_args("--users", "300", "--triggers", "60", "--email-every", "2", "--skip-reference",
+                              "--database", bench_database, "--json", str(out)))
+    printed = capsys.readouterr().out
+    assert status == 0, printed
+    report = json.loads(out.read_text())
+    (run,) = report["runs"]
+    assert run["workload"]["email_every"] == 2
+    assert 0 < run["core_deliveries"] < run["notifications"]
+    assert run["delivery_messages"] == run["core_deliveries"]  # every one sent (and received: else a problem)
+    # one connection per batch (urgent, normal), one at a time
+    assert 1 <= run["delivery_smtp_connections"] <= 2 and run["delivery_messages_per_second_per_connection"] > 0
+    assert report["ok"] is True and run["delivery_problem"] is None
+    assert "delivery msgs/s per SMTP connection" in printed

@@ -14,7 +14,8 @@ import pytest
 
 from herald import db, services, workload
 
-LARGE_TABLES = {"users", "user_favorites", "notification_triggers", "notifications", "notification_outcomes"}
+LARGE_TABLES = {"users", "user_favorites", "notification_triggers", "notifications", "notification_outcomes",
+                "user_channels", "notification_deliveries", "user_notification_preferences"}
 SPEC = workload.WorkloadSpec(users=100_000, favorites_per_user=10, entities=50_000, triggers=1_000,
                              done_triggers=199_000)
 
@@ -49,6 +50,30 @@ def big(found_services) -> Iterator:
             ON CONFLICT DO NOTHING
             """
         )
+        # Channels: half the users have an email address; 300,000 deliveries, nearly all sent long ago,
+        # 1% failed or disabled, 0.5% pending (some claimed by a run), in created_at order.
+        conn.execute("INSERT INTO user_channels (user_id, channel, address, created_at)"
+                     " SELECT g, 'email', 'u' || g || '@example.test', now() - interval '90 days'"
+                     " FROM generate_series(2, 100000, 2) g")
+        conn.execute(
+            """
+            INSERT INTO notification_deliveries (notification_id, user_id, channel, address, priority, status,
+                                                 attempts, next_attempt_at, claimed_by, claim_batch,
+                                                 claim_expires_at, last_error, created_at, updated_at)
+            SELECT g, (g % 100000) + 1, CASE WHEN g % 3 = 0 THEN 'webhook' ELSE 'email' END, 'addr' || g,
+                   CASE WHEN g % 10 = 0 THEN 'urgent' ELSE 'normal' END,
+                   CASE WHEN g % 200 = 0 THEN 'pending' WHEN g % 100 = 1 THEN 'failed'
+                        WHEN g % 100 = 2 THEN 'disabled' ELSE 'sent' END,
+                   1, now() - (g % 60) * interval '1 second',
+                   CASE WHEN g % 400 = 0 THEN 'run-d' END, CASE WHEN g % 400 = 0 THEN g % 7 END,
+                   CASE WHEN g % 400 = 0 THEN now() + interval '5 minutes' END,
+                   CASE WHEN g % 100 IN (1, 2) THEN 'HTTP 404 Not Found' END,
+                   now() - (300000 - g) * interval '1 second', now() - (300000 - g) * interval '1 second'
+            FROM generate_series(1, 300000) g
+            """
+        )
+        conn.execute("INSERT INTO user_notification_preferences (user_id, notification_type, channel, enabled)"
+                     " SELECT g, 'price_drop', 'email', false FROM generate_series(4, 100000, 4) g")
         conn.execute("UPDATE notification_triggers SET status = 'failed', last_error = 'x' WHERE id % 1000 = 0")
         conn.execute("UPDATE notification_triggers SET claimed_by = 'run-x', claim_batch = id % 20"
                      " WHERE status = 'pending' AND id % 2 = 0")
@@ -68,9 +93,16 @@ def _nodes(plan: dict) -> Iterator[dict]:
         yield from _nodes(child)
 
 
+#: Large tables a query may rightly read whole: verify/missing_deliveries joins every notification of
+#: the period with its user's channels, and past a few hundred notifications hashing user_channels once
+#: costs less than a probe per notification (the planner's choice, kept).
+ALLOWED_SEQ_SCANS = {"verify/missing_deliveries": {"user_channels"}}
+
+
 def _check(conn, name: str, params: dict, index: str) -> None:
     nodes = list(_nodes(_plan(conn, name, params)))
-    seq = [n["Relation Name"] for n in nodes if n["Node Type"] == "Seq Scan" and n.get("Relation Name") in LARGE_TABLES]
+    seq = [n["Relation Name"] for n in nodes if n["Node Type"] == "Seq Scan" and n.get("Relation Name") in LARGE_TABLES
+           and n["Relation Name"] not in ALLOWED_SEQ_SCANS.get(name, ())]
     assert not seq, f"{name}: sequential scan of {seq}"
     used = {n.get("Index Name") for n in nodes}
     assert index in used, f"{name}: expected {index}, plan used {used - {None}}"
@@ -109,7 +141,44 @@ CASES = {
     "verify/held_undigested": ({"window_seconds": 3600, "grace_seconds": 900, "rate_limit": 20, "limit": 101},
                                "notification_outcomes_undigested_idx"),
     "verify/expired_claims": ({"grace_seconds": 600, "limit": 101}, "notification_triggers_pending_idx"),
+    "deliveries/claim_due": ({"claim_id": "c", "limit": 50000, "batch_size": 5000, "lease_seconds": 600,
+                              "channels": None}, "notification_deliveries_due_idx"),
+    "deliveries/run_batches": ({"claim_id": "run-d"}, "notification_deliveries_claim_idx"),
+    "deliveries/fail_exhausted": ({"max_attempts": 8}, "notification_deliveries_due_idx"),
+    "deliveries/redrive_failed": ({"channels": None}, "notification_deliveries_failed_idx"),
+    "deliveries/begin_chunk": ({"claim_id": "run-d", "batch": 3, "limit": 100, "lease_seconds": 600},
+                               "notification_deliveries_claim_idx"),
+    "deliveries/load_chunk": ({"claim_id": "run-d", "ids": list(range(400, 40_001, 400))},
+                              "notification_deliveries_claim_idx"),
+    "deliveries/record": ({"claim_id": "run-d", "max_attempts": 8, "ids": list(range(400, 40_001, 400)),
+                           "statuses": ["sent"] * 100, "errors": [None] * 100, "message_ids": [None] * 100,
+                           "delays": [0.0] * 100}, "notification_deliveries_claim_idx"),
+    "deliveries/release": ({"claim_id": "run-d", "batch": None}, "notification_deliveries_claim_idx"),
+    "deliveries/disable_channels": ({"user_ids": [2, 4], "channels": ["email", "email"],
+                                     "addresses": ["u2@example.test", "u4@example.test"]}, "user_channels_pkey"),
+    "stats_deliveries_pending": ({}, "notification_deliveries_due_idx"),
+    "stats_deliveries_recent": ({"window_seconds": 86400}, "notification_deliveries_created_brin"),
+    "stats_delivery_failures": ({"limit": 10}, "notification_deliveries_failed_idx"),
+    "verify/missing_deliveries": ({"since": NOW - timedelta(minutes=10), "limit": 101}, "notifications_created_brin"),
+    "verify/expired_delivery_claims": ({"grace_seconds": 600, "limit": 101}, "notification_deliveries_claim_idx"),
+    "verify/overdue_deliveries": ({"grace_seconds": 900, "limit": 101}, "notification_deliveries_due_idx"),
 }
+
+
+@pytest.mark.slow
+def test_the_outbox_probes_channels_and_channel_preferences_by_index(big):
+    """The deliveries part of insert_notifications.sql for a small batch (20 notifications): one probe of
+    user_channels_pkey and of user_notification_preferences_key (all three of its columns) each.
+    A batch of tens of thousands may rightly hash user_channels instead: the planner weighs both."""
+    params = {"trigger_ids": list(range(199_001, 199_021)), "user_ids": list(range(1, 21)),
+              "msg_trigger_ids": list(range(199_001, 199_021)), "titles": ["t"] * 20, "bodies": ["b"] * 20}
+    nodes = list(_nodes(_plan(big, "insert_notifications", params)))
+    used = {n.get("Index Name") for n in nodes}
+    assert {"user_channels_pkey", "user_notification_preferences_key"} <= used, used
+    probe = next(n for n in nodes if n.get("Index Name") == "user_notification_preferences_key")
+    assert "channel" in probe["Index Cond"], probe["Index Cond"]
+    seq = [n["Relation Name"] for n in nodes if n["Node Type"] == "Seq Scan" and n.get("Relation Name") in LARGE_TABLES]
+    assert not seq, f"insert_notifications: sequential scan of {seq}"
 
 
 @pytest.mark.slow
@@ -126,9 +195,9 @@ def test_query_uses_its_index(big, name):
 
 
 @pytest.mark.slow
-def test_preferences_join_uses_the_preferences_primary_key(big):
+def test_preferences_join_uses_the_preferences_key(big):
     nodes = list(_nodes(_plan(big, "user_preferences", {"user_ids": USERS})))
-    assert "user_notification_preferences_pkey" in {n.get("Index Name") for n in nodes}
+    assert "user_notification_preferences_key" in {n.get("Index Name") for n in nodes}
 
 
 @pytest.mark.slow

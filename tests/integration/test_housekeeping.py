@@ -16,6 +16,11 @@ def test_housekeeping_releases_expired_claims_purges_old_records_and_expires_red
                " (900, 1, 'skipped_preference', now() - interval '40 days'),"
                " (901, 1, 'skipped_preference', now() - interval '1 day'),"
                " (902, 1, 'digested', now() - interval '40 days')")
+    pg.execute("INSERT INTO notification_deliveries (notification_id, user_id, channel, address, status, created_at)"
+               " VALUES (1, 1, 'email', 'a@x.test', 'sent', now() - interval '40 days'),"
+               " (2, 1, 'email', 'a@x.test', 'failed', now() - interval '40 days'),"
+               " (3, 1, 'email', 'a@x.test', 'pending', now() - interval '40 days'),"  # still owed: kept
+               " (4, 1, 'email', 'a@x.test', 'sent', now() - interval '1 day')")
     pg.execute("INSERT INTO herald_runs (run_id, started_at) VALUES ('ancient', now() - interval '40 days'),"
                " ('recent', now())")
     orphans = {f"{settings.cache_namespace}:pref:77": settings.preferences_ttl_seconds,
@@ -31,6 +36,8 @@ def test_housekeeping_releases_expired_claims_purges_old_records_and_expires_red
     assert done["expired_claims_released"] == 1
     assert [r[0] for r in pg.execute("SELECT trigger_id FROM notification_outcomes")] == [901]
     assert sorted(r[0] for r in pg.execute("SELECT run_id FROM herald_runs")) == ["dead-run", "recent"]
+    assert sorted(r[0] for r in pg.execute("SELECT notification_id FROM notification_deliveries")) == [3, 4]
+    assert done["old_deliveries_purged"] == 2
     for key, ttl in orphans.items():
         assert 0 < redis_client.ttl(key) <= ttl, key
     assert done["redis_keys_fixed"] == 3

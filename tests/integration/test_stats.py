@@ -125,7 +125,43 @@ def test_empty_database(pg, settings):
     assert len(result["series"]["points"]) == stats.SERIES_BUCKETS
     assert all(p["runs"] == 0 and p["delivered"] == 0 for p in result["series"]["points"])
     assert result["series"]["points"][-1]["backlog"] == 0
+    assert result["deliveries"]["failures"] == []
+    assert set(result["deliveries"]["channels"]) == {"email", "webhook", "apprise"}
+    assert all(c["pending"] == 0 and c["oldest_pending_age_seconds"] is None
+               for c in result["deliveries"]["channels"].values())
     json.dumps(result)  # JSON-able as it is
+
+
+def test_deliveries_by_channel_and_status_oldest_pending_and_failure_reasons(pg, settings):
+    pg.execute(
+        """
+        INSERT INTO notification_deliveries
+            (notification_id, user_id, channel, address, status, attempts, next_attempt_at, last_error,
+             created_at, updated_at)
+        VALUES (1, 1, 'email', 'a@x.test', 'pending', 0, now(), NULL, now() - interval '10 minutes', now()),
+               (2, 1, 'email', 'a@x.test', 'pending', 2, now() + interval '1 minute',
+                'SMTP connection failed: ConnectionRefusedError', now() - interval '3 minutes', now()),
+               (3, 1, 'email', 'a@x.test', 'sent', 1, now(), NULL, now(), now()),
+               (4, 2, 'webhook', 'https://h.test/2', 'failed', 1, now(), 'HTTP 404 Not Found', now(), now()),
+               (5, 2, 'webhook', 'https://h.test/2', 'failed', 1, now(), 'HTTP 404 Not Found', now(), now()),
+               (6, 3, 'webhook', 'https://h.test/3', 'disabled', 1, now(), 'HTTP 410 Gone: endpoint disabled',
+                now(), now()),
+               (7, 4, 'apprise', 'json://h.test', 'sent', 1, now(), NULL, now() - interval '2 days',
+                now() - interval '2 days')
+        """
+    )
+    d = stats.queue_stats(pg, None, settings)["deliveries"]
+    email, webhook, apprise = d["channels"]["email"], d["channels"]["webhook"], d["channels"]["apprise"]
+    assert (email["pending"], email["due"], email["retrying"]) == (2, 1, 1)
+    assert 599 <= email["oldest_pending_age_seconds"] < 700
+    assert email["last_24h"] == {"pending": 2, "sent": 1, "failed": 0, "disabled": 0}
+    assert webhook["last_24h"] == {"pending": 0, "sent": 0, "failed": 2, "disabled": 1}
+    assert apprise["last_24h"]["sent"] == 0  # two days old: outside the window
+    assert [(f["channel"], f["status"], f["reason"], f["count"]) for f in d["failures"]] == [
+        ("webhook", "failed", "HTTP 404 Not Found", 2), ("webhook", "disabled", "HTTP 410 Gone: endpoint disabled", 1)]
+    text = stats.render(stats.queue_stats(pg, None, settings))
+    assert "channel deliveries" in text and "HTTP 404 Not Found" in text
+    assert "a@x.test" not in json.dumps(d) and "h.test" not in text  # reasons and counts, no addresses
 
 
 def test_backlog_ages_and_claims(pg, settings):

@@ -28,6 +28,8 @@ def healthy(pg, redis_client, settings) -> dict[str, int]:
     f.add_users(pg, range(1, 31))
     f.add_favorites(pg, range(1, 31), "item", 1)
     f.disable(pg, 3, "price_drop")
+    pg.execute("INSERT INTO user_channels (user_id, channel, address) VALUES (2, 'email', 'u2@example.test'),"
+               " (3, 'webhook', 'https://hooks.example.test/3')")  # deliveries written: no missing_delivery
     ids = {"fanout": f.add_trigger(pg, "price_drop", entity=("item", 1))}
     for i in range(25):
         ids[f"direct{i}"] = f.add_trigger(pg, "back_in_stock", user_id=7, payload={"item_name": f"i{i}"})
@@ -36,13 +38,14 @@ def healthy(pg, redis_client, settings) -> dict[str, int]:
 
 
 def test_a_healthy_database_passes_every_check(db_url, pg, healthy, settings):
+    assert pg.execute("SELECT count(*) FROM notification_deliveries").fetchone()[0] == 1  # user 3 disabled the type
     assert pg.execute("SELECT count(*) FROM notification_outcomes WHERE outcome = 'rate_limited'").fetchone()[0] > 0
     report = verify.verify(pg, settings)
     assert report.ok, report.describe()
     assert report.counts == dict.fromkeys(verify.KINDS, 0)
     done = herald_verify(db_url, "--since", "1h")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "all 5 checks clean" in done.stdout
+    assert f"all {len(verify.KINDS)} checks clean" in done.stdout
 
 
 def test_each_kind_of_violation_is_found_and_named(db_url, pg, healthy, settings):
@@ -63,6 +66,19 @@ def test_each_kind_of_violation_is_found_and_named(db_url, pg, healthy, settings
     pg.execute("UPDATE notification_triggers SET claimed_by = 'dead-run',"
                " claim_expires_at = now() - interval '20 minutes' WHERE id = %s", (orphan,))
 
+    # missing_delivery: user 4 had an email channel before the fan-out, and has no delivery for it
+    pg.execute("INSERT INTO user_channels (user_id, channel, address, created_at)"
+               " VALUES (4, 'email', 'u4@example.test', now() - interval '1 day')")
+    lost_for = scalar(pg, "SELECT id FROM notifications WHERE trigger_id = %s AND user_id = 4", (fanout,))
+    # expired_delivery_claim: a delivery run died twenty minutes ago holding a delivery
+    dead = scalar(pg, "INSERT INTO notification_deliveries (notification_id, user_id, channel, address, claimed_by,"
+                      " claim_batch, claim_expires_at) VALUES (%s, 4, 'webhook', 'https://x.test/4', 'dead-delivery',"
+                      " 0, now() - interval '20 minutes') RETURNING id", (lost_for,))
+    # overdue_delivery: due for twenty minutes and nobody claimed it (the delivery DAG is paused)
+    overdue = scalar(pg, "INSERT INTO notification_deliveries (notification_id, user_id, channel, address,"
+                         " next_attempt_at) VALUES (%s, 4, 'apprise', 'json://x.test/4',"
+                         " now() - interval '20 minutes') RETURNING id", (lost_for,))
+
     report = verify.verify(pg, settings)
     assert not report.ok
     subjects = {kind: [v.subject for v in report.of(kind)] for kind in verify.KINDS}
@@ -72,6 +88,9 @@ def test_each_kind_of_violation_is_found_and_named(db_url, pg, healthy, settings
         "over_limit": ["user 9"],
         "undigested": ["user 11"],
         "expired_claim": [f"trigger {orphan}"],
+        "missing_delivery": [f"notification {lost_for} / user 4"],
+        "expired_delivery_claim": [f"delivery {dead}"],
+        "overdue_delivery": [f"delivery {overdue}"],
     }, report.describe()
     details = [v.detail for v in report.of("outcome_count")]
     assert "1 too many" in details[0] and "1 lost" in details[1]  # the duplicate is one outcome too many
@@ -81,8 +100,12 @@ def test_each_kind_of_violation_is_found_and_named(db_url, pg, healthy, settings
     parsed = json.loads(done.stdout)
     assert parsed["ok"] is False and parsed["counts"]["over_limit"] == 1
     text = herald_verify(db_url).stdout
-    for subject in ("user 9", "user 11", f"trigger {orphan}", f"trigger {fanout} / user 2"):
+    for subject in ("user 9", "user 11", f"trigger {orphan}", f"trigger {fanout} / user 2", f"delivery {dead}"):
         assert subject in text
+
+
+def scalar(pg, sql: str, params=None):
+    return pg.execute(sql, params).fetchone()[0]
 
 
 def test_a_lost_recipient_is_named(pg, healthy, settings):
