@@ -113,7 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
     stats.set_defaults(func=_cmd_stats)
 
-    up = sub.add_parser("up", help="services, migrations, settings, demo data, then `airflow standalone`")
+    up = sub.add_parser("up", help="services, migrations, settings, demo data, then Airflow (standalone or Celery)")
+    up.add_argument("--executor", choices=("local", "celery"), default="local",
+                    help="local: `airflow standalone` (LocalExecutor, default); celery: api-server, scheduler, "
+                         "dag-processor, triggerer and an urgent and a default Celery worker")
     up.add_argument("--no-airflow", action="store_true", help="prepare everything but do not start Airflow")
     up.add_argument("--no-seed", action="store_true", help="do not load demo data")
     up.set_defaults(func=_cmd_up)
