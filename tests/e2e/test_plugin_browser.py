@@ -173,6 +173,8 @@ READ_FIGURES = """
     runs: doc.querySelectorAll('#runs tr').length,
     bars: doc.querySelectorAll('#chart-delivered rect').length,
     status: text('status'),
+    executor: text('executor-name'), queues_note: text('queues-note'),
+    queues_table: !doc.getElementById('queues-table').hidden,
   };
 })()
 """
@@ -193,6 +195,9 @@ def test_notifications_view_in_the_airflow_ui(airflow_server, seeded, browser):
     assert figures["failed"] == seeded["failed_reasons"]
     assert figures["runs"] == len(seeded["recent_runs"])
     assert figures["bars"] == 24
+    # LocalExecutor: the queue panel says there are no queues instead of showing a table of zeros
+    assert figures["executor"] == "LocalExecutor" and figures["queues_table"] is False
+    assert "ignores task queues" in figures["queues_note"]
     # the nav entry registered by external_views is in the UI around the iframe
     assert browser.wait_for("document.body.innerText.includes('Notifications')")
     time.sleep(0.5)  # let the chart settle after layout
