@@ -90,6 +90,13 @@ class Plan:
         return cls(**data)
 
 
+def _title(p: psutil.Process) -> str:
+    try:
+        return " ".join(p.cmdline())[:60] or p.name()
+    except psutil.Error:
+        return "?"
+
+
 def _say(message: str) -> None:
     print(f"herald up: {message}", file=sys.stderr, flush=True)
 
@@ -248,14 +255,18 @@ class Supervisor:
     # -------------------------------------------------------------------------------------- stopping
 
     @staticmethod
-    def _group_alive(pgid: int) -> bool:
+    def _members(pgid: int) -> list[psutil.Process]:
+        out = []
         for p in psutil.process_iter(["status"]):
             try:
                 if os.getpgid(p.pid) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE:
-                    return True
+                    out.append(p)
             except (ProcessLookupError, psutil.Error):
                 continue
-        return False
+        return out
+
+    def _group_alive(self, pgid: int) -> bool:
+        return bool(self._members(pgid))
 
     def _kill_group(self, pgid: int, sig: int, wait: float, *, leader_only: bool = False) -> bool:
         """Send ``sig`` to the group (or its leader) and wait up to ``wait`` seconds for the group to empty."""
@@ -299,7 +310,9 @@ class Supervisor:
             c, pgid = entry.component, entry.process.pid
             started = time.monotonic()
             if not self._kill_group(pgid, c.stop_signal, c.grace, leader_only=not c.signal_group):
-                _say(f"{name} still running {c.grace:.0f}s after {signal.Signals(c.stop_signal).name}: SIGKILL")
+                left = ", ".join(f"{p.pid} {_title(p)}" for p in self._members(pgid)[:6])
+                _say(f"{name} still running {c.grace:.0f}s after {signal.Signals(c.stop_signal).name} ({left}): "
+                     "SIGKILL")
                 if c.stop_signal != signal.SIGTERM:
                     self._kill_group(pgid, signal.SIGTERM, 10)
                 self._kill_group(pgid, signal.SIGKILL, 10)

@@ -259,7 +259,9 @@ def build(
     api_url = f"http://127.0.0.1:{api_port}"
     if mode == "local":
         components = [Component(name="standalone", argv=[airflow, "standalone"], env=env,
-                                stop_signal=int(signal.SIGINT), grace=60, restart=False, signal_group=False)]
+                                # standalone stops its parts on SIGINT; a task still running then cannot
+                                # report to the API server it just stopped, so its wait is cut short.
+                                stop_signal=int(signal.SIGINT), grace=20, restart=False, signal_group=False)]
         return Topology(mode, env, components, ["standalone"], api_url, sizing)
 
     logs = airflow_home / "herald-up"
