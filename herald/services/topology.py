@@ -206,12 +206,13 @@ def shared_environment(
         "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": str(HEARTBEAT_TIMEOUT_SECONDS),
         "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": str(HEARTBEAT_CHECK_SECONDS),
         "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT": str(QUEUED_TIMEOUT_SECONDS),
-        # Only airflow standalone's scheduler and triggerer serve logs (Airflow binds them to every
-        # interface): free ports, so they never clash with another Airflow on this machine.
-        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
-        "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
         **observability.airflow_environment(base),
     }
+    if mode == "local":
+        # airflow standalone's scheduler and triggerer serve logs (Airflow binds them to every interface;
+        # standalone has no --skip-serve-logs): free ports, so they never clash with another Airflow here.
+        defaults["AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT"] = str(free_port())
+        defaults["AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT"] = str(free_port())
     if metadata_url:
         defaults["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = sqlalchemy_url(metadata_url)
     if mode == "celery":

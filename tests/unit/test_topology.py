@@ -49,6 +49,7 @@ def test_celery_mode_starts_six_processes_on_127_0_0_1(tmp_path: Path) -> None:
     assert env["AIRFLOW__API__HOST"] == "127.0.0.1" and env["AIRFLOW__CORE__PARALLELISM"] == "14"
     assert env["AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT"] == "30"
     assert env["AIRFLOW_CONN_NOTIFICATIONS_DB"] == "postgres://postgres@127.0.0.1:5432/herald"
+    assert "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT" not in env  # no log server in this mode
     secrets = shared_secrets(tmp_path)
     assert env["AIRFLOW__API_AUTH__JWT_SECRET"] == secrets["jwt_secret"]
     assert env["AIRFLOW__CORE__FERNET_KEY"] == secrets["fernet_key"]
@@ -64,6 +65,7 @@ def test_local_mode_is_airflow_standalone_stopped_with_sigint(tmp_path: Path) ->
     assert standalone.restart is False and standalone.log is None
     assert topo.env["AIRFLOW__CORE__EXECUTOR"] == "LocalExecutor"
     assert "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN" not in topo.env  # no metadata URL given: the operator's own
+    assert int(topo.env["AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT"]) != 8793  # a free port, not a clash
 
 
 def test_the_operators_airflow_settings_win_except_what_makes_the_mode(tmp_path: Path) -> None:
