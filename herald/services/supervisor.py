@@ -378,11 +378,12 @@ class Handle:
     def start(cls, plan: Plan, python: str | None = None) -> Handle:
         """Start the supervisor with ``plan``; the pipe stays open for as long as this process lives."""
         plan.parent_pid = os.getpid()
+        # No PR_SET_PDEATHSIG here: a SIGTERM arriving before the supervisor's handlers exist would kill
+        # it silently. It sets that up itself once it can clean up, and then checks that we still live.
         process = subprocess.Popen(
             [python or sys.executable, "-m", "herald.services.supervisor"],
             stdin=subprocess.PIPE,
             start_new_session=True,  # Ctrl-C in the terminal reaches herald up only, which stops it in order
-            preexec_fn=die_with_parent(signal.SIGTERM),
         )
         assert process.stdin is not None
         process.stdin.write(plan.to_json().encode() + b"\n")

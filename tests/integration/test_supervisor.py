@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -168,6 +170,57 @@ def test_ctrl_c_stops_everything_in_order(tmp_path: Path, components) -> None:
     assert not listening(port)
     final = json.loads(state.read_text())
     assert final["stopping"] is True and all(c["pid"] is None for c in final["components"].values())
+
+
+EMBEDDED_DRIVER = textwrap.dedent(
+    """
+    import json, sys, time
+    from herald import services
+    from herald.services.supervisor import Component, Handle, Plan
+    with services.ensure_services(database="herald_test_sup_embedded") as found:
+        sleeper = Component(name="sleeper", argv=[sys.executable, "-c", "import time; time.sleep(3600)"],
+                            env={}, log=None)
+        handle = Handle.start(Plan(components=[sleeper], embedded_root=str(services.embedded_dir())))
+        print(json.dumps({"supervisor": handle.pid, "pg": found.database_pid, "redis": found.redis_pid,
+                          "sources": [found.database_source, found.redis_source]}), flush=True)
+        time.sleep(3600)
+    """
+)
+
+
+def test_sigkill_of_herald_up_also_stops_the_embedded_servers_it_started(tmp_path: Path) -> None:
+    """herald up on a machine without PostgreSQL and Redis: its embedded servers are its children too."""
+    embedded = Path(tempfile.mkdtemp(prefix="herald-test-sup-"))  # not under /tmp/pytest-of-root (0700)
+    embedded.chmod(0o755)
+    nothing = f"127.0.0.1:{free_port()}"
+    cleared = ("DATABASE_URL", "REDIS_URL", "AIRFLOW_CONN_NOTIFICATIONS_DB", "AIRFLOW_CONN_NOTIFICATIONS_REDIS")
+    env = {k: v for k, v in os.environ.items() if k not in cleared}
+    env.update(HERALD_EMBEDDED_DIR=str(embedded / "e"), HERALD_LOCAL_PG=nothing, HERALD_LOCAL_REDIS=nothing)
+    errors = tmp_path / "driver-stderr.log"  # the supervisor's messages too
+    with errors.open("w") as stderr:
+        driver = subprocess.Popen([sys.executable, "-c", EMBEDDED_DRIVER], env=env, stdout=subprocess.PIPE,
+                                  stderr=stderr, text=True, start_new_session=True)
+    servers: list[int] = []
+    try:
+        assert driver.stdout is not None
+        line = driver.stdout.readline()
+        assert line, f"driver exited with {driver.wait(60)}"
+        report = json.loads(line)
+        assert report["sources"] == ["embedded", "embedded"]
+        servers = [report["pg"], report["redis"], report["supervisor"]]
+        assert all(alive(pid) for pid in servers)
+        driver.kill()
+        driver.wait(10)
+        try:
+            wait_for(lambda: not any(alive(pid) for pid in servers), 60, "the supervisor to stop the servers")
+        except AssertionError:
+            raise AssertionError(f"still running: {[p for p in servers if alive(p)]}\n{errors.read_text()}") from None
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        for pid in [p for p in servers if alive(p)]:
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(embedded, ignore_errors=True)
 
 
 def test_a_crashing_component_is_restarted_and_the_others_keep_running(tmp_path: Path) -> None:
