@@ -135,7 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_verify_arguments(verify)
     verify.set_defaults(func=_cmd_verify)
 
-    up = sub.add_parser("up", help="services, migrations, settings, demo data, then `airflow standalone`")
+    up = sub.add_parser("up", help="services, migrations, settings, demo data, then Airflow (standalone or Celery)")
+    up.add_argument("--executor", choices=("local", "celery"), default="local",
+                    help="local: `airflow standalone` (LocalExecutor, default); celery: api-server, scheduler, "
+                         "dag-processor, triggerer and an urgent and a default Celery worker")
     up.add_argument("--no-airflow", action="store_true", help="prepare everything but do not start Airflow")
     up.add_argument("--no-seed", action="store_true", help="do not load demo data")
     up.set_defaults(func=_cmd_up)

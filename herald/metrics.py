@@ -1,7 +1,9 @@
 """Counters and timers through Airflow's own metrics (StatsD or OpenTelemetry, as Airflow is set up).
 
-All names start with ``herald.`` (see the README's metrics table). With metrics switched off in
-Airflow these calls do nothing.
+All names start with ``herald.`` (see the README's metrics table); a StatsD server sees them under
+Airflow's ``[metrics] statsd_prefix`` (``airflow.herald.notifications.delivered``). Counters are sent by
+every batch and run, zeros included. With metrics switched off in Airflow these calls do nothing.
+``HERALD_STATSD=host:port`` switches them on under ``herald up`` (:mod:`herald.observability`).
 """
 
 from __future__ import annotations
@@ -49,8 +51,9 @@ def batch_processed(result: BatchResult) -> None:
     stats.incr(_name("triggers", "done"), result.triggers_done)
     stats.incr(_name("triggers", "failed"), result.triggers_failed)
     stats.timing(_name("batch", "duration"), result.duration_seconds * 1000)
-    if not result.redis_available:
-        stats.incr(_name("redis", "fallbacks"))
+    # Sent by every batch (0 or 1), so the counter exists from the first run and a dashboard can tell
+    # "no fallback" from "no data".
+    stats.incr(_name("redis", "fallbacks"), 0 if result.redis_available else 1)
 
 
 def run_finished(summary: RunSummary) -> None:

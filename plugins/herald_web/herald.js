@@ -104,6 +104,44 @@
     }
   }
 
+  // ----------------------------------------------------------------------------------- executor queues
+
+  // Under the LocalExecutor there are no queues: say so instead of showing zeros.
+  function renderExecutor(ex) {
+    const note = $("queues-note");
+    const table = $("queues-table");
+    const show = (text, bad) => {
+      note.hidden = !text;
+      note.textContent = text || "";
+      note.className = "note" + (bad ? " bad" : "");
+    };
+    if (!ex) {
+      setText("executor-name", "");
+      show("executor statistics unavailable (see the API server's log)", true);
+      table.hidden = true;
+      return;
+    }
+    setText("executor-name", ex.executor);
+    if (!ex.has_queues) {
+      show(ex.note, false);
+      table.hidden = true;
+      return;
+    }
+    table.hidden = false;
+    show(ex.broker_error ? "broker unreachable (" + ex.broker_error + "): waiting messages and workers unknown" : "", true);
+    fillTable($("queues"), ex.queues, [
+      [(q) => q.name, (q) => "queue" + (q.name === "urgent" ? " urgent" : "")],
+      [(q) => fmt(q.waiting_in_broker), "num"],
+      [(q) => (q.workers.length ? q.workers.join(", ") : "none: nothing consumes this queue"),
+        (q) => (q.workers.length ? "workers" : "workers alert")],
+      [(q) => fmt(q.queued_task_instances), "num"],
+      [(q) => age(q.oldest_queued_age_seconds), (q) => "num" + (q.oldest_queued_age_seconds > 60 ? " alert" : "")],
+    ], "no queues");
+    for (const [i, q] of ex.queues.entries()) {
+      $("queues").children[i].id = "queue-" + q.name;
+    }
+  }
+
   // ------------------------------------------------------------------------------------------- charts
 
   function el(name, attrs, text) {
@@ -246,6 +284,7 @@
       const [stats, failed] = await Promise.all([getJSON("api/stats"), getJSON("api/failed?limit=" + FAILED_SHOWN)]);
       latest = stats;
       renderFigures(stats);
+      renderExecutor(stats.executor);
       renderOutcomes(stats.outcomes_last_hour);
       renderRuns(stats.recent_runs);
       renderFailed(failed.triggers);

@@ -48,8 +48,7 @@ def notification_connections(db_url: str, redis_url: str) -> dict[str, str]:
 
 def sqlalchemy_postgres_uri(libpq_url: str) -> str:
     """A libpq URL or DSN as the metadata DB's SQLAlchemy URL (psycopg 3 driver)."""
-    env = services.environment(services.Services(libpq_url, None, "env", None))
-    return "postgresql+psycopg" + env["AIRFLOW_CONN_NOTIFICATIONS_DB"][len("postgres"):]
+    return services.sqlalchemy_url(libpq_url)
 
 
 def airflow_env(

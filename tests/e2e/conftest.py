@@ -26,6 +26,7 @@ from psycopg.types.json import Jsonb
 from herald.config import PROJECT_ROOT, Settings
 from herald.processes import free_port, stop_process_group
 from tests.e2e.airflow_procs import AIRFLOW, ARTIFACTS, notification_connections
+from tests.e2e.browser import DevTools, chromium
 
 STARTUP_TIMEOUT_SECONDS = 180
 ADMIN = "admin"
@@ -140,6 +141,13 @@ def airflow_server(
     finally:
         stop_process_group(process, grace=20)
         shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture
+def browser() -> Iterator[DevTools]:
+    """A headless Chromium page for this test (stopped by process group id afterwards)."""
+    with chromium() as devtools:
+        yield devtools
 
 
 @pytest.fixture

@@ -41,6 +41,10 @@ def test_stats_endpoint_reports_the_seeded_queue(airflow_server, seeded):
     assert points[-1]["backlog"] == seeded["backlog"]["total"]
     # the hourly runs recorded a backlog: the chart has a day of it, not only the current value
     assert sum(p["backlog"] is not None for p in points) >= 20
+    # this API server runs the LocalExecutor: no queues, said so, instead of zeros
+    executor = stats["executor"]
+    assert executor["executor"] == "LocalExecutor" and executor["has_queues"] is False
+    assert executor["queues"] == [] and "ignores task queues" in executor["note"]
 
 
 def test_failed_endpoint_lists_reasons_not_payloads(airflow_server, seeded):
@@ -90,6 +94,74 @@ def test_no_unauthenticated_docs(airflow_server):
             response = http.get(path)
             assert response.status_code in (401, 403, 404), (path, response.status_code)
             assert "openapi" not in response.text.lower(), path
+        assert http.get("/herald/openapi.json").status_code == 401
+        assert http.get("/herald/openapi.json", headers={"Authorization": "Bearer x.y.z"}).status_code == 403
+
+
+def test_openapi_schema_is_served_behind_the_login_and_documents_auth(airflow_server):
+    with airflow_server.client(airflow_server.token()) as http:
+        response = http.get("/herald/openapi.json")
+        docs = http.get("/herald/docs")
+    assert response.status_code == 200, response.text
+    schema = response.json()
+    assert set(schema["paths"]) == {"/api/stats", "/api/failed", "/"}
+    for path, methods in schema["paths"].items():
+        responses = methods["get"]["responses"]
+        assert {"200", "401", "403"} <= set(responses), (path, sorted(responses))
+        assert "Not authenticated" in responses["401"]["description"]
+        assert "Invalid JWT token" in responses["403"]["description"]
+        assert methods["get"]["security"], path  # Airflow's bearer / OAuth2 schemes
+    assert "503" in schema["paths"]["/api/stats"]["get"]["responses"]
+    assert "422" in schema["paths"]["/api/failed"]["get"]["responses"]
+    stats_schema = schema["components"]["schemas"]["Stats"]
+    assert {"backlog", "executor", "recent_runs"} <= set(stats_schema["properties"])
+    assert docs.status_code == 404  # no Swagger UI (it would load assets from a CDN)
+
+
+def test_api_fuzzed_with_schemathesis(airflow_server, seeded):
+    """Generated requests (valid and invalid) against every operation: no 5xx, every status and body as
+    documented, invalid input refused, and no operation answers without credentials."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis import GenerationMode
+    from schemathesis.checks import (
+        content_type_conformance,
+        ignored_auth,
+        negative_data_rejection,
+        not_a_server_error,
+        response_schema_conformance,
+        status_code_conformance,
+    )
+
+    token = airflow_server.token()
+    auth = {"Authorization": f"Bearer {token}"}
+    with airflow_server.client(token) as http:
+        raw = http.get("/herald/openapi.json").json()
+    base_url = f"{airflow_server.base_url}/herald"
+    schema = schemathesis.openapi.from_dict(raw)
+    checks = [not_a_server_error, status_code_conformance, content_type_conformance,
+              response_schema_conformance, negative_data_rejection, ignored_auth]
+    calls: dict[str, set[int]] = {}
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert sorted(op.label for op in operations) == ["GET /", "GET /api/failed", "GET /api/stats"]
+    def fuzz(operation, mode) -> None:
+        key = f"{operation.label} {mode.value}"
+
+        @settings(max_examples=20, deadline=None, database=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))
+        @given(case=operation.as_strategy(generation_mode=mode))
+        def run(case):
+            response = case.call_and_validate(base_url=base_url, headers=auth, checks=checks)
+            calls.setdefault(key, set()).add(response.status_code)
+
+        run()
+
+    for operation in operations:
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            fuzz(operation, mode)
+    assert calls["GET /api/stats positive"] == {200}
+    assert 200 in calls["GET /api/failed positive"]
+    assert 422 in calls["GET /api/failed negative"], calls  # out-of-range or non-integer limits refused
 
 
 def test_wrong_password_gets_no_token(airflow_server):
