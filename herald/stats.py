@@ -21,6 +21,7 @@ Nothing returned carries a payload or any user data: ids, types, counts, duratio
     {"generated_at": "...Z",
      "backlog": {"normal": 37, "urgent": 5, "total": 42},
      "oldest_pending_age_seconds": {"normal": 312.5, "urgent": null},
+     "urgent_latency_last_hour": {"triggers": 12, "p50_seconds": 1.4, "p95_seconds": 2.1},
      "claims": {"held": 3, "expired": 0},
      "throughput": {"last_hour" | "last_24h": {"triggers_processed", "triggers_done", "triggers_failed",
                                                "notifications_delivered", "digests_sent"}},
@@ -221,6 +222,11 @@ def _recent_runs(conn: Any, limit: int = RECENT_RUNS) -> list[dict[str, Any]]:
     ]
 
 
+def _urgent_latency(conn: Any) -> dict[str, Any]:
+    (row,) = _query(conn, "stats_urgent_latency", {"window_seconds": SHORT_WINDOW_SECONDS})
+    return {"triggers": int(row["n"]), "p50_seconds": _seconds(row["p50"]), "p95_seconds": _seconds(row["p95"])}
+
+
 def _deliveries(conn: Any) -> dict[str, Any]:
     channels: dict[str, dict[str, Any]] = {
         c: {"pending": 0, "due": 0, "retrying": 0, "oldest_pending_age_seconds": None,
@@ -276,9 +282,11 @@ def queue_stats(conn: Any, redis_client: Any | None, settings: Settings) -> dict
         series = _series(conn, backlog["backlog"]["total"])
         runs = _recent_runs(conn)
         deliveries = _deliveries(conn)
+        urgent_latency = _urgent_latency(conn)
     return {
         "generated_at": _iso(dt.datetime.now(dt.UTC)),
         **backlog,
+        "urgent_latency_last_hour": urgent_latency,
         **totals,
         "recent_runs": runs,
         "cache": cache_stats(redis_client, settings),
@@ -358,6 +366,13 @@ def _time(iso: str | None) -> str:
     return "-" if not iso else iso.replace("T", " ")[:19] + "Z"
 
 
+def _urgent_line(lane: Mapping[str, Any]) -> str:
+    if not lane["triggers"]:
+        return "no urgent trigger processed"
+    return (f"p50 {lane['p50_seconds']:.1f} s, p95 {lane['p95_seconds']:.1f} s over {lane['triggers']:,} "
+            "urgent triggers (INSERT to processing)")
+
+
 def render(stats: Mapping[str, Any]) -> str:
     """The terminal view of :func:`queue_stats`."""
     b, age, claims = stats["backlog"], stats["oldest_pending_age_seconds"], stats["claims"]
@@ -382,6 +397,7 @@ def render(stats: Mapping[str, Any]) -> str:
         ),
         "",
         f"claims            held {claims['held']:,}, expired {claims['expired']:,}",
+        f"urgent latency    last hour: {_urgent_line(stats['urgent_latency_last_hour'])}",
         "",
         *_table(
             ["", "triggers processed", "failed", "delivered", "digests sent"],

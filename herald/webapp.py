@@ -140,16 +140,52 @@ class Executor(_Model):
     queues: list[ExecutorQueue]
 
 
+class UrgentLatency(_Model):
+    triggers: int
+    p50_seconds: float | None
+    p95_seconds: float | None
+
+
+class DeliveryWindow(_Model):
+    pending: int
+    sent: int
+    failed: int
+    disabled: int
+
+
+class ChannelDeliveries(_Model):
+    pending: int
+    due: int
+    retrying: int
+    oldest_pending_age_seconds: float | None
+    last_24h: DeliveryWindow
+
+
+class DeliveryFailure(_Model):
+    channel: str
+    status: str
+    reason: str | None
+    count: int
+    latest: str | None
+
+
+class Deliveries(_Model):
+    channels: dict[str, ChannelDeliveries]
+    failures: list[DeliveryFailure]
+
+
 class Stats(_Model):
     generated_at: str
     backlog: Backlog
     oldest_pending_age_seconds: Ages
+    urgent_latency_last_hour: UrgentLatency
     claims: Claims
     throughput: Throughput
     outcomes_last_hour: Outcomes
     recent_runs: list[Run]
     cache: Cache
     series: Series
+    deliveries: Deliveries
     executor: Executor | None
 
 

@@ -43,7 +43,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from herald.config import POOL_NORMAL, POOL_URGENT, PROJECT_ROOT, QUEUE_URGENT
+from herald.config import CHANNEL_POOLS, POOL_NORMAL, POOL_URGENT, PROJECT_ROOT, QUEUE_URGENT
 from herald.processes import free_port
 from herald.services.discovery import Services
 from herald.services.supervisor import Component, Plan
@@ -75,7 +75,7 @@ VISIBILITY_TIMEOUT_SECONDS = 1800
 class Sizing:
     """How many task processes may run at once, from the pools (the real throttle) and the cores.
 
-    ``parallelism`` lets every pool slot run (normal + urgent + support), so the executor's limit never
+    ``parallelism`` lets every pool slot run (normal + urgent + channels + support), so the executor's limit never
     holds an urgent batch back: Airflow's default of 32 forks 32 LocalExecutor workers even on 2 cores.
     Under Celery each worker runs what its queue needs: the urgent worker one process per urgent slot,
     the default worker ``NORMAL_BATCHES_PER_CORE`` normal batches per core (at most the pool) plus the
@@ -90,11 +90,14 @@ class Sizing:
     def from_pools(cls, pools: Mapping[str, int], cores: int) -> Sizing:
         urgent = max(1, int(pools.get(POOL_URGENT, 1)))
         normal = max(1, int(pools.get(POOL_NORMAL, 1)))
+        # The channel pools' send tasks (notification_delivery) run on the default queue; they wait on
+        # SMTP and HTTP, not on a core, so each of their slots gets a process of its own.
+        channels = sum(max(0, int(pools.get(pool, 0))) for pool in CHANNEL_POOLS.values())
         cores = max(1, cores)
         return cls(
-            parallelism=normal + urgent + SUPPORT_SLOTS,
+            parallelism=normal + urgent + channels + SUPPORT_SLOTS,
             urgent_concurrency=urgent,
-            default_concurrency=min(normal, NORMAL_BATCHES_PER_CORE * cores) + SUPPORT_SLOTS,
+            default_concurrency=min(normal, NORMAL_BATCHES_PER_CORE * cores) + channels + SUPPORT_SLOTS,
         )
 
 

@@ -69,6 +69,10 @@
     setText("backlog-urgent", fmt(s.backlog.urgent));
     setText("age-normal", age(s.oldest_pending_age_seconds.normal));
     setText("age-urgent", age(s.oldest_pending_age_seconds.urgent));
+    const lane = s.urgent_latency_last_hour;
+    setText("urgent-p50", lane.p50_seconds === null ? "–" : lane.p50_seconds.toFixed(1) + " s");
+    setText("urgent-p95", lane.p95_seconds === null ? "–" : lane.p95_seconds.toFixed(1) + " s");
+    setText("urgent-count", fmt(lane.triggers));
     setText("claims-held", fmt(s.claims.held));
     setText("claims-expired", fmt(s.claims.expired));
     setText("hour-delivered", fmt(s.throughput.last_hour.notifications_delivered));

@@ -54,7 +54,7 @@ def test_local_mode_metadata_in_postgres_sane_parallelism_and_nothing_outlives_a
 
             # Parallelism from the pools (8 + 4 + 2), not Airflow's 32: that many LocalExecutor workers.
             sizing = Sizing.from_pools(pool_slots(), cpu_count())
-            assert up.env["AIRFLOW__CORE__PARALLELISM"] == str(sizing.parallelism) == "14"
+            assert up.env["AIRFLOW__CORE__PARALLELISM"] == str(sizing.parallelism) == "19"
 
             def local_workers() -> list:
                 found = []
@@ -72,7 +72,7 @@ def test_local_mode_metadata_in_postgres_sane_parallelism_and_nothing_outlives_a
             snapshot = [(p.pid, p.create_time(), p.name()) for p in tree]
             ports = listening_ports(tree)
             assert ("127.0.0.1", up.api_port) in ports
-            assert len(snapshot) >= 20  # herald up, supervisor, standalone, its 4 parts, 14 workers, log servers
+            assert len(snapshot) >= 20  # herald up, supervisor, standalone, its 4 parts, 19 workers, log servers
             killed = time.monotonic()
             os.kill(up.process.pid, signal.SIGKILL)  # herald up itself, without a chance to clean up
             up.process.wait(10)

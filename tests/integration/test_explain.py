@@ -115,6 +115,7 @@ CASES = {
     "claim_pending_triggers": ({"claim_id": "c", "limit": 1000, "lease_seconds": 60, "only_urgent": False,
                                 "user_ids": None}, "notification_triggers_pending_idx"),
     "urgent_lane_due": ({"stale_seconds": 30}, "notification_triggers_pending_idx"),
+    "stats_urgent_latency": ({"window_seconds": 3600}, "notification_triggers_processed_idx"),
     "claim_failed_triggers": ({"claim_id": "c", "limit": 1000, "lease_seconds": 60, "only_urgent": False,
                                "user_ids": None, "start": NOW - timedelta(days=3),
                                "end": NOW - timedelta(days=2, hours=23)},

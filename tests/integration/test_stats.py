@@ -470,3 +470,21 @@ def test_cli_json_and_table(db_url, pg, settings, redis_url, monkeypatch, capsys
     assert stats.main(argparse.Namespace(json=False)) == 0
     out = capsys.readouterr().out
     assert "pending triggers" in out and "cli-run" in out and "42" in out
+
+
+def test_urgent_latency_of_the_last_hour(pg, settings):
+    """INSERT to processing of the urgent triggers processed in the last hour: median and 95th percentile."""
+    pg.execute(
+        """
+        INSERT INTO notification_triggers (trigger_type, user_id, priority, status, created_at, processed_at)
+        SELECT 'security_alert', 1, p, s, now() - interval '10 minutes' - make_interval(secs => d),
+               now() - interval '10 minutes'
+        FROM (VALUES ('urgent', 'done', 1), ('urgent', 'done', 2), ('urgent', 'done', 3), ('urgent', 'done', 4),
+                     ('normal', 'done', 100), ('urgent', 'failed', 100)) AS v(p, s, d)
+        """)
+    pg.execute("INSERT INTO notification_triggers (trigger_type, user_id, priority, status, created_at, processed_at)"
+               " VALUES ('security_alert', 1, 'urgent', 'done', now() - interval '3 hours',"
+               " now() - interval '2 hours')")  # outside the hour
+    lane = stats.queue_stats(pg, None, settings)["urgent_latency_last_hour"]
+    assert lane == {"triggers": 4, "p50_seconds": 2.5, "p95_seconds": 3.85}
+    assert "p50 2.5 s, p95 3.9 s over 4 urgent triggers" in stats.render(stats.queue_stats(pg, None, settings))

@@ -14,16 +14,18 @@ from herald.services import Services
 from herald.services.topology import Sizing, build, pool_slots, shared_environment, shared_secrets
 
 FOUND = Services("postgresql://postgres@127.0.0.1:5432/herald", "redis://127.0.0.1:6379/0", "local", "local")
-POOLS = {"notifications": 8, "urgent_notifications": 4}
+POOLS = {"notifications": 8, "urgent_notifications": 4,
+         "email_deliveries": 2, "webhook_deliveries": 2, "apprise_deliveries": 1}
 
 
 def test_sizing_comes_from_the_pools_and_the_cores() -> None:
     assert pool_slots() == POOLS  # what airflow_settings.yaml declares
     two = Sizing.from_pools(POOLS, cores=2)
-    # every pool slot can run (urgent never waits on parallelism); 2 normal batches per core on the default worker
-    assert (two.parallelism, two.urgent_concurrency, two.default_concurrency) == (14, 4, 6)
+    # every pool slot can run (urgent never waits on parallelism); 2 normal batches per core on the default
+    # worker, plus a process per channel slot (they wait on SMTP and HTTP) and the support tasks
+    assert (two.parallelism, two.urgent_concurrency, two.default_concurrency) == (19, 4, 11)
     eight = Sizing.from_pools(POOLS, cores=8)
-    assert (eight.parallelism, eight.urgent_concurrency, eight.default_concurrency) == (14, 4, 10)
+    assert (eight.parallelism, eight.urgent_concurrency, eight.default_concurrency) == (19, 4, 15)
     assert Sizing.from_pools({"notifications": 40, "urgent_notifications": 10}, cores=4).parallelism == 52
 
 
@@ -35,7 +37,7 @@ def test_celery_mode_starts_six_processes_on_127_0_0_1(tmp_path: Path) -> None:
     assert argv["api-server"] == ["api-server", "--host", "127.0.0.1", "--port", "18080"]
     assert argv["worker-urgent"] == ["celery", "worker", "--queues", "urgent", "--concurrency", "4",
                                      "-H", "urgent@%h", "--skip-serve-logs"]
-    assert argv["worker-default"] == ["celery", "worker", "--queues", "default", "--concurrency", "6",
+    assert argv["worker-default"] == ["celery", "worker", "--queues", "default", "--concurrency", "11",
                                       "-H", "default@%h", "--skip-serve-logs"]
     assert "--skip-serve-logs" in argv["triggerer"] and "--skip-serve-logs" in argv["scheduler"]
     assert all(c.restart and c.log and c.env is topo.env for c in topo.components)
@@ -46,7 +48,7 @@ def test_celery_mode_starts_six_processes_on_127_0_0_1(tmp_path: Path) -> None:
     assert env["AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__GLOBAL_KEYPREFIX"] == "herald:celery:"
     assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] == "postgresql+psycopg://postgres@127.0.0.1:5432/herald_airflow"
     assert env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == "http://127.0.0.1:18080/execution/"
-    assert env["AIRFLOW__API__HOST"] == "127.0.0.1" and env["AIRFLOW__CORE__PARALLELISM"] == "14"
+    assert env["AIRFLOW__API__HOST"] == "127.0.0.1" and env["AIRFLOW__CORE__PARALLELISM"] == "19"
     assert env["AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT"] == "30"
     assert env["AIRFLOW_CONN_NOTIFICATIONS_DB"] == "postgres://postgres@127.0.0.1:5432/herald"
     assert "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT" not in env  # no log server in this mode
