@@ -71,7 +71,7 @@ def _owed(conn: psycopg.Connection, after: int, chunk: int) -> list[int]:
 def _digest_chunk(conn: psycopg.Connection, users: list[int], settings: Settings) -> tuple[int, int, int, int]:
     lock_users(conn, users)
     pending = db.run(conn, "pending_digests", {"user_ids": users}).fetchall()
-    state = rate_state(conn, [p[0] for p in pending], settings)
+    state = rate_state(conn, {p[0]: 1 for p in pending}, settings)  # one digest each
     allowed = counts_decide([Candidate(p[0], False) for p in pending], state.recent, settings.rate_limit)
     ready = [p for p, ok in zip(pending, allowed, strict=True) if ok]
     if not ready:

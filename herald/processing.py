@@ -41,7 +41,7 @@ from herald import db
 from herald.cache import Entity, RecipientCache
 from herald.claiming import Batch
 from herald.config import Settings
-from herald.ratelimit import Candidate, counts_decide, lock_users, rate_state
+from herald.ratelimit import RateState, lock_users, rate_state
 from herald.templates import RenderError, Template
 
 log = logging.getLogger(__name__)
@@ -112,17 +112,16 @@ class _Plan:
     out_triggers: list[int] = field(default_factory=list)
     out_users: list[int] = field(default_factory=list)
     outcomes: list[str] = field(default_factory=list)
-    reasons: list[str | None] = field(default_factory=list)
     fin_ids: list[int] = field(default_factory=list)
     fin_statuses: list[str] = field(default_factory=list)
     fin_errors: list[str | None] = field(default_factory=list)
     fin_recipients: list[int] = field(default_factory=list)
 
-    def outcome(self, trigger_id: int, user_id: int, outcome: str, reason: str | None = None) -> None:
+    def outcome(self, trigger_id: int, user_id: int, outcome: str) -> None:
+        """Its reason is derived from the outcome when written (insert_outcomes.sql)."""
         self.out_triggers.append(trigger_id)
         self.out_users.append(user_id)
         self.outcomes.append(outcome)
-        self.reasons.append(reason)
 
     def finish(self, trigger_id: int, error: str | None, recipients: int) -> None:
         self.fin_ids.append(trigger_id)
@@ -201,8 +200,15 @@ def _compute(
     rendered = _render([t for t in triggers if t.id not in errors], templates, errors)
 
     favorites, preferences = _load_recipients(conn, cache, [t for t in triggers if t.id in rendered])
-    candidates: list[Candidate] = []
-    pending: list[tuple[int, int]] = []  # (trigger_id, user_id) of each candidate
+    # Who may not get each type: users who disabled it (one pass over the few users who disabled
+    # anything), and users that do not exist. Set operations keep the per-recipient work in C.
+    disabled_by_type: dict[str, set[int]] = {}
+    for user_id, disabled in preferences.items():
+        for trigger_type in disabled:
+            disabled_by_type.setdefault(trigger_type, set()).add(user_id)
+    cand_triggers: list[int] = []  # the candidates, in decision order (trigger id, then user id)
+    cand_users: list[int] = []
+    urgent_triggers: set[int] = set()
     for t in triggers:
         if t.id in errors:
             plan.finish(t.id, errors[t.id], 0)
@@ -215,16 +221,22 @@ def _compute(
         else:
             recipients = favorites.get((t.entity_type, t.entity_id), [])
         template = templates[t.trigger_type]
-        urgent = t.priority == "urgent"
-        for user_id in recipients:
-            disabled = preferences.get(user_id)
-            if disabled is None:
-                plan.outcome(t.id, user_id, FAILED, f"user {user_id} does not exist")
-            elif t.trigger_type in disabled and not template.bypass_preferences:
-                plan.outcome(t.id, user_id, SKIPPED_PREFERENCE)
-            else:
-                candidates.append(Candidate(user_id, urgent))
-                pending.append((t.id, user_id))
+        disabled = set() if template.bypass_preferences else disabled_by_type.get(t.trigger_type, set())
+        if disabled.isdisjoint(recipients) and preferences.keys() >= set(recipients):
+            ok = recipients
+        else:
+            ok = []
+            for user_id in recipients:
+                if user_id not in preferences:
+                    plan.outcome(t.id, user_id, FAILED)  # "user N does not exist"
+                elif user_id in disabled:
+                    plan.outcome(t.id, user_id, SKIPPED_PREFERENCE)
+                else:
+                    ok.append(user_id)
+        cand_triggers.extend([t.id] * len(ok))
+        cand_users.extend(ok)
+        if t.priority == "urgent":
+            urgent_triggers.add(t.id)
         plan.finish(t.id, None, len(recipients))
         result.recipients += len(recipients)
         plan.msg_triggers.append(t.id)
@@ -233,21 +245,42 @@ def _compute(
 
     if checkpoint:
         checkpoint("before_limit")
-    users = sorted({c.user_id for c in candidates})
     if not dry_run:  # a dry run writes nothing, so it needs no lock against other writers
-        lock_users(conn, users)
-    # Urgent candidates are never held back: only users with a normal one need their window counted.
-    state = rate_state(conn, sorted({c.user_id for c in candidates if not c.urgent}), settings)
-    allowed = counts_decide(candidates, state.recent, settings.rate_limit, state.held)
-    for (trigger_id, user_id), ok in zip(pending, allowed, strict=True):
-        if ok:
-            plan.notif_triggers.append(trigger_id)
-            plan.notif_users.append(user_id)
-        else:
-            plan.outcome(trigger_id, user_id, RATE_LIMITED, "over the per-user rate limit")
+        lock_users(conn, set(cand_users))
+    # Urgent candidates are never held back: only users with a normal one need their window counted
+    # (with all their candidates of the batch, urgent ones included: they count).
+    per_user = Counter(cand_users)
+    normal_users = {u for tid, u in zip(cand_triggers, cand_users, strict=True) if tid not in urgent_triggers}
+    state = rate_state(conn, {u: per_user[u] for u in normal_users}, settings)
+    _decide(plan, cand_triggers, cand_users, urgent_triggers, state, settings.rate_limit)
     if checkpoint:
         checkpoint("before_write")
     return plan
+
+
+def _decide(plan: _Plan, cand_triggers: list[int], cand_users: list[int], urgent_triggers: set[int],
+            state: RateState, limit: int) -> None:
+    """The rate-limit rule (``ratelimit.counts_decide``) over the candidates, in order, into the plan.
+
+    Only users the rate state names (owed a digest, or with window + candidates over the limit) can have
+    anything held back; everyone else's candidates all go out, without a per-candidate decision.
+    """
+    attention = state.recent.keys() | state.held
+    if not attention:
+        plan.notif_triggers.extend(cand_triggers)
+        plan.notif_users.extend(cand_users)
+        return
+    used = dict(state.recent)
+    holding = set(state.held)
+    for trigger_id, user_id in zip(cand_triggers, cand_users, strict=True):
+        if user_id in attention:
+            if trigger_id not in urgent_triggers and (user_id in holding or used.get(user_id, 0) >= limit):
+                holding.add(user_id)
+                plan.outcome(trigger_id, user_id, RATE_LIMITED)
+                continue
+            used[user_id] = used.get(user_id, 0) + 1
+        plan.notif_triggers.append(trigger_id)
+        plan.notif_users.append(user_id)
 
 
 def _decode(rows: list[tuple]) -> tuple[list[_Trigger], dict[str, Template], dict[int, str]]:
@@ -323,8 +356,8 @@ def _write(conn: psycopg.Connection, plan: _Plan, claim_id: str, result: BatchRe
     written; roll back if any loaded trigger could not be ended."""
     if plan.notif_users:
         result.delivered, deliveries = db.run(conn, "insert_notifications", {
-            "trigger_ids": plan.notif_triggers, "user_ids": plan.notif_users,
-            "msg_trigger_ids": plan.msg_triggers, "titles": plan.titles, "bodies": plan.bodies,
+            "trigger_ids": db.int_array(plan.notif_triggers), "user_ids": db.int_array(plan.notif_users),
+            "msg_trigger_ids": db.int_array(plan.msg_triggers), "titles": plan.titles, "bodies": plan.bodies,
         }).fetchone()
         result.deliveries = sum(deliveries.values())
         if deliveries:
@@ -334,20 +367,25 @@ def _write(conn: psycopg.Connection, plan: _Plan, claim_id: str, result: BatchRe
             log.warning("batch of %s: %s of %s notifications existed already", claim_id,
                         len(plan.notif_users) - result.delivered, len(plan.notif_users))
     if plan.out_users:
-        written = Counter(row[0] for row in db.run(conn, "insert_outcomes", {
-            "trigger_ids": plan.out_triggers, "user_ids": plan.out_users,
-            "outcomes": plan.outcomes, "reasons": plan.reasons,
-        }))
-        for outcome, n in written.items():
+        written = db.run(conn, "insert_outcomes", {
+            "trigger_ids": db.int_array(plan.out_triggers), "user_ids": db.int_array(plan.out_users),
+            "outcomes": _words(plan.outcomes),
+        })
+        for outcome, n in written:
             setattr(result, outcome, n)
-    ended = Counter(row[0] for row in db.run(conn, "finish_triggers", {
-        "claim_id": claim_id, "ids": plan.fin_ids, "statuses": plan.fin_statuses,
-        "errors": plan.fin_errors, "recipients": plan.fin_recipients,
-    }))
+    ended = Counter(dict(db.run(conn, "finish_triggers", {
+        "claim_id": claim_id, "ids": db.int_array(plan.fin_ids), "statuses": _words(plan.fin_statuses),
+        "errors": plan.fin_errors, "recipients": db.int_array(plan.fin_recipients),
+    }).fetchall()))
     if sum(ended.values()) != len(plan.fin_ids):
         raise ClaimLost(f"run {claim_id} could end only {sum(ended.values())} of the {len(plan.fin_ids)} "
                         "triggers it loaded; nothing of this batch was written")
     result.triggers_done, result.triggers_failed = ended["done"], ended["failed"]
+
+
+def _words(values: list[str]) -> str:
+    """An array literal of outcome or status words (a fixed vocabulary: nothing to quote)."""
+    return "{" + ",".join(values) + "}"
 
 
 def _count_planned(plan: _Plan, result: BatchResult) -> None:

@@ -35,7 +35,9 @@ class Candidate(NamedTuple):  # a tuple: batches make tens of thousands of them
 
 
 class RateState(NamedTuple):
-    recent: dict[int, int]  # notifications in the window, per user (absent: none)
+    #: Notifications in the window of every user the decision may hold something back for (absent: the
+    #: user can take all the candidates asked about, so their exact count does not matter).
+    recent: dict[int, int]
     held: frozenset[int]  # users with held outcomes waiting for a digest
 
 
@@ -46,15 +48,18 @@ def lock_users(conn: psycopg.Connection, user_ids: Iterable[int]) -> None:
         db.run(conn, "lock_rate_limit_buckets", {"lock_class": LOCK_CLASS, "user_ids": db.int_array(users)})
 
 
-def rate_state(conn: psycopg.Connection, user_ids: Sequence[int], settings: Settings) -> RateState:
-    """Window counts and owed digests of these users; exact when read under ``lock_users``."""
+def rate_state(conn: psycopg.Connection, normal: Mapping[int, int], settings: Settings) -> RateState:
+    """Window counts and owed digests of the users of ``normal`` (user -> normal candidates the decision
+    is about); exact when read under ``lock_users``. Only users that could have something held back are
+    returned, which keeps a batch of 50,000 users from fetching 50,000 rows."""
     recent: dict[int, int] = {}
     held: set[int] = set()
-    if user_ids:
-        params = {"user_ids": db.int_array(user_ids), "window_seconds": settings.rate_window_seconds}
+    if normal:
+        users = sorted(normal)
+        params = {"user_ids": db.int_array(users), "normal": db.int_array(normal[u] for u in users),
+                  "window_seconds": settings.rate_window_seconds, "rate_limit": settings.rate_limit}
         for user_id, count, is_held in db.run(conn, "user_rate_state", params):
-            if count:
-                recent[user_id] = count
+            recent[user_id] = count  # every user returned (0 included): the decision must look at them
             if is_held:
                 held.add(user_id)
     return RateState(recent, frozenset(held))

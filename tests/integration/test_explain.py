@@ -126,7 +126,8 @@ CASES = {
     "fanout_recipients": ({"entity_types": ["item"] * 200, "entity_ids": list(range(1, 201))},
                           "user_favorites_entity_idx"),
     "user_preferences": ({"user_ids": USERS}, "users_pkey"),
-    "user_rate_state": ({"user_ids": USERS, "window_seconds": 3600}, "notifications_user_created_idx"),
+    "user_rate_state": ({"user_ids": USERS, "normal": [3] * len(USERS), "window_seconds": 3600, "rate_limit": 20},
+                        "notifications_user_created_idx"),
     "inbox_latest": ({"user_id": 4242, "limit": 20, "before_created_at": None, "before_id": None},
                      "notifications_user_created_idx"),
     "inbox_unread_count": ({"user_id": 4242}, "notifications_unread_idx"),
@@ -184,7 +185,8 @@ def test_the_outbox_probes_channels_and_channel_preferences_by_index(big):
 
 @pytest.mark.slow
 def test_rate_state_reads_held_outcomes_through_the_partial_index(big):
-    nodes = list(_nodes(_plan(big, "user_rate_state", {"user_ids": USERS, "window_seconds": 3600})))
+    nodes = list(_nodes(_plan(big, "user_rate_state", {"user_ids": USERS, "normal": [3] * len(USERS),
+                                                       "window_seconds": 3600, "rate_limit": 20})))
     assert "notification_outcomes_undigested_idx" in {n.get("Index Name") for n in nodes}
 
 
