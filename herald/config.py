@@ -80,8 +80,9 @@ class Settings:
     rate_window_seconds: int = 3600
     #: Upper bound of recipients (estimated at claim time) in one mapped batch.
     batch_size: int = 50_000
-    #: Upper bound of triggers one DAG run claims; the next run takes the rest.
-    max_triggers_per_run: int = 20_000
+    #: Upper bound of triggers one DAG run claims; the next run takes the rest. 200,000 lets a burst of
+    #: 100x W1 (100,000 triggers, about 5 million recipients: some 100 batches) go in one run.
+    max_triggers_per_run: int = 200_000
     #: Upper bound of mapped batches per run, kept well under ``[core] max_map_length`` (1024).
     max_batches_per_run: int = 256
     #: How long a claim holds before another run may take the trigger over. A batch renews the lease

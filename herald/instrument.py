@@ -1,11 +1,14 @@
 """Counting wrappers for PostgreSQL statements and Redis round trips (benchmark and tests).
 
 They count what the client sends, so the figures hold on any server: no ``pg_stat_statements`` or
-``INFO commandstats`` needed.
+``INFO commandstats`` needed. :class:`SlowestRedisCall` is the exception: the server's own time per
+command, which only the server knows (``SLOWLOG``).
 """
 
 from __future__ import annotations
 
+import contextlib
+from types import TracebackType
 from typing import Any
 
 import psycopg
@@ -66,3 +69,58 @@ class CountingRedis(redis.Redis):
 
         pipe.execute = counted_execute  # type: ignore[method-assign]
         return pipe
+
+
+class SlowestRedisCall:
+    """The longest server-side execution time of any command sent by clients named ``client_name``.
+
+    Redis's ``SLOWLOG`` records a command's execution time (not the network or the queueing). While this
+    context is open every command is logged (threshold 0, a long log); the previous settings come back on
+    exit. The log is global to the server: run it on a Redis the benchmark has to itself.
+    """
+
+    SETTINGS = ("slowlog-log-slower-than", "slowlog-max-len")
+
+    def __init__(self, url: str, client_name: str, max_len: int = 200_000) -> None:
+        self.client_name = client_name
+        self.max_len = max_len
+        self.admin = redis.Redis.from_url(url)
+        self.saved: dict[str, str] = {}
+        self.max_ms: float | None = None  # None: the server does not allow SLOWLOG / CONFIG
+        self.logged = 0  # commands of this client seen in the log
+        self.overflowed = False  # the log wrapped: an early command may be missing
+
+    def __enter__(self) -> SlowestRedisCall:
+        try:
+            for name in self.SETTINGS:
+                self.saved.update(self.admin.config_get(name))
+            self.admin.config_set("slowlog-max-len", self.max_len)
+            self.admin.config_set("slowlog-log-slower-than", 0)
+            self.admin.slowlog_reset()
+        except redis.RedisError:  # a managed Redis may refuse CONFIG: no figure, nothing changed
+            with contextlib.suppress(redis.RedisError):
+                self._restore()
+            self.saved = {}
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if not self.saved:
+            return
+        try:
+            entries = self.admin.slowlog_get(self.max_len)
+            self.overflowed = self.admin.slowlog_len() >= self.max_len
+            ours = [e["duration"] for e in entries if _text(e.get("client_name")) == self.client_name]
+            self.logged = len(ours)
+            self.max_ms = round(max(ours, default=0) / 1000, 3)
+        finally:
+            self._restore()
+            self.admin.close()
+
+    def _restore(self) -> None:
+        for name, value in self.saved.items():
+            self.admin.config_set(name, value)
+        self.admin.slowlog_reset()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value or "")

@@ -11,12 +11,13 @@ import os
 
 import psycopg
 import pytest
+import redis
 
 from herald import bench, services
 
 REQUIRED_KEYS = (
     "notifications", "copy_floor_seconds", "core_seconds", "reference_seconds", "core_sql_statements",
-    "reference_sql_statements", "core_redis_commands",
+    "reference_sql_statements", "core_redis_commands", "redis_max_call_ms", "core_us_per_notification",
 )
 
 
@@ -35,6 +36,9 @@ def bench_database(found_services: services.Services):
 
 def test_bench_end_to_end_small(tmp_path, bench_database, found_services, capsys):
     out = tmp_path / "bench.json"
+    client = redis.Redis.from_url(found_services.redis_url)
+    slowlog_before = client.config_get("slowlog-log-slower-than")
+    client.close()
     status = bench.main(_args("--users", "300", "--triggers", "60", "--scale", "1", "2",
                               "--database", bench_database, "--json", str(out)))
     printed = capsys.readouterr().out
@@ -62,6 +66,18 @@ def test_bench_end_to_end_small(tmp_path, bench_database, found_services, capsys
     # Statements grow with batches, not with users or triggers.
     assert doubled["core_sql_statements"] <= w1["core_sql_statements"] + 10 * doubled["batches"]
     assert {"core_over_copy", "core_sql_statements", "reference_over_core"} <= set(w1["targets"])
+    # The longest server-side Redis call is measured (SLOWLOG), and the per-notification cost and peak
+    # memory are compared with W1's.
+    assert 0 < w1["redis_max_call_ms"] < 1000 and 0 < doubled["redis_max_call_ms"] < 1000
+    assert w1["core_per_notification_over_w1"] is None
+    assert doubled["core_per_notification_over_w1"] == round(
+        doubled["core_us_per_notification"] / w1["core_us_per_notification"], 2)
+    assert doubled["core_peak_mb_over_w1"] > 0
+    assert doubled["targets"]["redis_max_call_ms"]["met"] is not None
+    # The bench restores the server's SLOWLOG settings.
+    client = redis.Redis.from_url(found_services.redis_url)
+    assert client.config_get("slowlog-log-slower-than") == slowlog_before
+    client.close()
     assert (w1["label"], doubled["label"]) == ("x1", "x2")  # "W1" is kept for the design's own size
     assert "core_seconds" in printed and "reference / core" in printed and "x2" in printed
 
