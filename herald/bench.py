@@ -7,7 +7,8 @@ fresh Redis namespace each time:
 - **COPY floor**: PostgreSQL ``COPY ... FROM STDIN`` of exactly the notification rows the core produced
   (same columns, pre-serialised in COPY text format, so only the server's work and the transfer count)
   into the empty ``notifications`` table with all its indexes, commit included;
-- **processing core**: ``pipeline.run_once`` over every batch, no Airflow, with its SQL statements and
+- **processing core**: ``pipeline.run_once`` over every batch, no Airflow, ``--core-workers`` batches at a
+  time (2 by default, on connections of their own, as the DAG's mapped tasks), with its SQL statements and
   Redis commands counted (``herald.instrument``), the longest server-side time of any of its Redis
   commands (``redis_max_call_ms``, from ``SLOWLOG``) and its peak Python memory measured (tracemalloc,
   in a separate untimed run so that tracing does not slow the timed one);
@@ -49,11 +50,12 @@ from typing import Any
 import psycopg
 import redis
 
-from herald import db, pipeline, services, workload
+from herald import claiming, db, pipeline, services, workload
 from herald.claiming import ClaimRequest
 from herald.config import DAG_ID, POOL_NORMAL, POOL_URGENT, PROJECT_ROOT, Settings
 from herald.instrument import CountingRedis, SlowestRedisCall, StatementCounter
 from herald.processes import free_port, stop_process_group
+from herald.processing import process_batch
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +108,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: 0, no channels)")
     parser.add_argument("--delivery-sample", type=int, default=25_000, metavar="N",
                         help="email deliveries sent for the delivery figure, at most (default: %(default)s)")
+    parser.add_argument("--core-workers", type=int, default=2, metavar="N",
+                        help="batches the core processes at a time, each on its own connection, as the DAG's "
+                             "mapped tasks do (default: %(default)s; 1 for the sequential figure)")
     parser.add_argument("--repeat", type=int, default=1, metavar="N",
                         help="run each timed measurement N times and keep the best (default: 1)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
@@ -129,8 +134,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.repeat < 1 or any(k < 1 for k in args.scale) or args.users < 1 or args.triggers < 1:
-        print("herald bench: --repeat, --scale, --users and --triggers must be positive", file=sys.stderr)
+    if (args.repeat < 1 or any(k < 1 for k in args.scale) or args.users < 1 or args.triggers < 1
+            or args.core_workers < 1):
+        print("herald bench: --repeat, --scale, --users, --triggers and --core-workers must be positive",
+              file=sys.stderr)
         return 2
     if args.latency:
         return _latency(args)
@@ -201,7 +208,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     db.migrate(conn)
                 with_reference = not args.skip_reference and (scale == 1 or args.reference_all_scales)
                 result = ScaleBench(bench_url, found.redis_url, base, scale, args.repeat,
-                                    delivery_sample=args.delivery_sample).run(
+                                    delivery_sample=args.delivery_sample, core_workers=args.core_workers).run(
                     with_reference=with_reference,
                     reference_note=("--skip-reference" if args.skip_reference else
                                     "reference runs on scale 1 only (--reference-all-scales to change)"),
@@ -303,8 +310,9 @@ class ScaleBench:
     """The measurements of one scale, on one scratch database."""
 
     def __init__(self, url: str, redis_url: str, base: workload.WorkloadSpec, scale: int, repeat: int,
-                 delivery_sample: int = 25_000) -> None:
+                 delivery_sample: int = 25_000, core_workers: int = 2) -> None:
         spec = base.scaled(scale)
+        self.core_workers = core_workers
         self.delivery_sample = delivery_sample
         self.url = url
         self.redis_url = redis_url
@@ -349,30 +357,25 @@ class ScaleBench:
 
     # ------------------------------------------------------------------------------------ the core
 
-    def run_core(self, settings: Settings, *, trace_memory: bool = False) -> dict[str, Any]:
-        """``run_once`` until nothing is left to claim; counts statements and Redis commands."""
+    def run_core(self, settings: Settings) -> dict[str, Any]:
+        """``run_once`` until nothing is left to claim; counts statements and Redis commands.
+
+        ``core_workers`` batches at a time, as the DAG's mapped tasks run side by side."""
         counter = StatementCounter()
         client = CountingRedis.from_url(self.redis_url, client_name=BENCH_REDIS_CLIENT)
         summaries: list[pipeline.RunSummary] = []
-        peak = None
         slowest = SlowestRedisCall(self.redis_url, BENCH_REDIS_CLIENT)
         try:
             with slowest, counter.connect(self.url, autocommit=True) as conn:
-                if trace_memory:
-                    tracemalloc.start()
                 started = time.perf_counter()
-                try:
-                    for _ in range(10_000):
-                        summary, _results = pipeline.run_once(
-                            conn, client, settings, ClaimRequest(f"bench-{uuid.uuid4().hex[:12]}"))
-                        summaries.append(summary)
-                        if summary.batches == 0 or not db.run(self.admin, "bench_claimable_triggers").fetchone()[0]:
-                            break
-                    seconds = time.perf_counter() - started
-                finally:
-                    if trace_memory:
-                        peak = tracemalloc.get_traced_memory()[1]
-                        tracemalloc.stop()
+                for _ in range(10_000):
+                    summary, _results = pipeline.run_once(
+                        conn, client, settings, ClaimRequest(f"bench-{uuid.uuid4().hex[:12]}"),
+                        workers=self.core_workers, connect=lambda: counter.connect(self.url, autocommit=True))
+                    summaries.append(summary)
+                    if summary.batches == 0 or not self._claimable():
+                        break
+                seconds = time.perf_counter() - started
         finally:
             client.close()
         counts = pipeline.summarise(s.counts for s in summaries)
@@ -386,8 +389,39 @@ class ScaleBench:
             "runs": len(summaries),
             "batches": sum(s.batches for s in summaries),
             "counts": counts,
-            "peak_mb": round(peak / 2**20, 1) if peak is not None else None,
         }
+
+    def run_traced(self, settings: Settings) -> dict[str, float]:
+        """An untimed run under tracemalloc, step by step as the DAG's tasks take it (claim, each batch,
+        finalize): the peak Python memory of the claim and of the largest batch, each above what was held
+        before it."""
+        client = redis.Redis.from_url(self.redis_url)
+        claim_peak = batch_peak = 0
+        tracemalloc.start()
+        try:
+            with db.connection(self.url, autocommit=True) as conn:
+                for _ in range(10_000):
+                    request = ClaimRequest(f"bench-{uuid.uuid4().hex[:12]}")
+                    held = tracemalloc.get_traced_memory()[0]
+                    tracemalloc.reset_peak()
+                    batches = claiming.claim(conn, request, settings)
+                    claim_peak = max(claim_peak, tracemalloc.get_traced_memory()[1] - held)
+                    results = []
+                    for batch in batches:
+                        held = tracemalloc.get_traced_memory()[0]
+                        tracemalloc.reset_peak()
+                        results.append(process_batch(conn, client, batch, settings).to_dict())
+                        batch_peak = max(batch_peak, tracemalloc.get_traced_memory()[1] - held)
+                    pipeline.finalize(conn, settings, request.claim_id, results)
+                    if not batches or not self._claimable():
+                        break
+        finally:
+            tracemalloc.stop()
+            client.close()
+        return {"claim_peak_mb": round(claim_peak / 2**20, 1), "batch_peak_mb": round(batch_peak / 2**20, 1)}
+
+    def _claimable(self) -> bool:
+        return bool(db.run(self.admin, "bench_claimable_triggers").fetchone()[0])
 
     # ------------------------------------------------------------------------------ the delivery
 
@@ -487,14 +521,14 @@ class ScaleBench:
             #    measurements are compared with (kept in a temporary table) and COPY again.
             self.reset()
             with _fresh_namespace(self.redis_url, "core") as settings:
-                traced = self.run_core(settings, trace_memory=True)
+                traced = self.run_traced(settings)
             expected = self.fingerprint()
             if not expected["notifications"]:
                 raise BenchError(f"{self.label}: the processing core produced no notifications")
             db.run(self.admin, "bench_snapshot_expected")
             rows = self.export_rows()
-            self._progress(f"core produced {expected['notifications']:,} notifications "
-                           f"(peak {traced['peak_mb']} MB traced)")
+            self._progress(f"core produced {expected['notifications']:,} notifications (traced peaks: claim "
+                           f"{traced['claim_peak_mb']} MB, largest batch {traced['batch_peak_mb']} MB)")
 
             # 2. The processing core, timed.
             core_times: list[float] = []
@@ -588,6 +622,7 @@ class ScaleBench:
             "notifications_md5": expected["md5"],
             "outcomes": core["counts"],
             "core_runs": core["runs"],
+            "core_workers": self.core_workers,
             "batches": core["batches"],
             "copy_floor_seconds": copy_s,
             "copy_floor_mb": round(len(rows) / 2**20, 2),
@@ -601,7 +636,8 @@ class ScaleBench:
             "core_redis_round_trips": core["redis_round_trips"],
             "redis_max_call_ms": core["redis_max_call_ms"],
             "core_us_per_notification": round(core_s / expected["notifications"] * 1e6, 3),
-            "core_peak_mb": traced["peak_mb"],
+            "batch_peak_mb": traced["batch_peak_mb"],
+            "claim_peak_mb": traced["claim_peak_mb"],
             "core_deliveries": core["counts"].get("deliveries", 0),
             **(delivery or {}),
             "reference_same_notifications": comparison["same"] if comparison else None,
@@ -622,15 +658,22 @@ class ScaleBench:
 
 
 def _cross_scale(runs: list[dict[str, Any]]) -> None:
-    """Each run's per-notification cost and peak memory relative to W1's (when scale 1 ran too)."""
+    """Each run's per-notification cost (and the COPY floor's) relative to W1's, when scale 1 ran too, and
+    its largest batch's peak memory relative to the next smaller scale's."""
     w1 = next((r for r in runs if r["scale"] == 1), None)
+    by_scale = sorted(runs, key=lambda r: r["scale"])
     for r in runs:
+        smaller = [x for x in by_scale if x["scale"] < r["scale"]]
+        prev = smaller[-1] if smaller else None
+        r["batch_peak_mb_over_previous_scale"] = (
+            round(r["batch_peak_mb"] / prev["batch_peak_mb"], 2) if prev and prev["batch_peak_mb"] else None)
         if w1 is None or r is w1:
-            r["core_per_notification_over_w1"] = r["core_peak_mb_over_w1"] = None
-            continue
-        r["core_per_notification_over_w1"] = round(r["core_us_per_notification"] / w1["core_us_per_notification"], 2)
-        r["core_peak_mb_over_w1"] = (round(r["core_peak_mb"] / w1["core_peak_mb"], 2)
-                                     if r["core_peak_mb"] and w1["core_peak_mb"] else None)
+            r["core_per_notification_over_w1"] = r["copy_per_notification_over_w1"] = None
+        else:
+            r["core_per_notification_over_w1"] = round(
+                r["core_us_per_notification"] / w1["core_us_per_notification"], 2)
+            r["copy_per_notification_over_w1"] = round(
+                (r["copy_floor_seconds"] / r["notifications"]) / (w1["copy_floor_seconds"] / w1["notifications"]), 2)
         r["targets"] = _targets(r)
 
 
@@ -671,7 +714,7 @@ def format_report(report: dict[str, Any]) -> str:
         ("users with an email channel", lambda r: count(r["workload"]["users"] // r["workload"]["email_every"]
                                                         if r["workload"].get("email_every") else 0), ""),
         ("notifications", lambda r: count(r["notifications"]), ""),
-        ("batches", lambda r: count(r["batches"]), ""),
+        ("batches (core workers)", lambda r: f"{r['batches']:,} ({r['core_workers']})", ""),
         ("copy_floor_seconds", lambda r: seconds(r["copy_floor_seconds"]), ""),
         ("core_seconds", lambda r: seconds(r["core_seconds"]), ""),
         ("reference_seconds", lambda r: seconds(r["reference_seconds"]) if r["reference_seconds"] is not None
@@ -689,10 +732,13 @@ def format_report(report: dict[str, Any]) -> str:
         ("  relative to W1", lambda r: status(r, "core_per_notification_over_w1",
                                               ratio(r.get("core_per_notification_over_w1"))),
          TARGETS["core_per_notification_over_w1"]["text"]),
+        ("  COPY floor per row, relative to W1", lambda r: ratio(r.get("copy_per_notification_over_w1")), ""),
         ("redis_max_call_ms (SLOWLOG)", lambda r: status(r, "redis_max_call_ms", ratio(r["redis_max_call_ms"])),
          TARGETS["redis_max_call_ms"]["text"]),
-        ("core_peak_mb (tracemalloc)", lambda r: ratio(r["core_peak_mb"]), ""),
-        ("  relative to W1", lambda r: ratio(r.get("core_peak_mb_over_w1")), "bounded by the batch size"),
+        ("batch_peak_mb (tracemalloc)", lambda r: ratio(r["batch_peak_mb"]), ""),
+        ("  relative to the previous scale", lambda r: ratio(r.get("batch_peak_mb_over_previous_scale")),
+         "bounded by the batch size"),
+        ("claim_peak_mb (tracemalloc)", lambda r: ratio(r["claim_peak_mb"]), ""),
         ("core deliveries (outbox)", lambda r: count(r.get("core_deliveries")), ""),
         ("email deliveries sent (bench)", lambda r: count(r.get("delivery_messages")), ""),
         ("delivery msgs/s per SMTP connection",

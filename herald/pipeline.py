@@ -7,7 +7,9 @@ them in one process for the urgent lane (one task start), the CLI, the benchmark
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import queue
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,9 +86,42 @@ def run_once(
     request: ClaimRequest,
     *,
     digests: bool = True,
+    workers: int = 1,
+    connect: Callable[[], psycopg.Connection] | None = None,
 ) -> tuple[RunSummary, list[BatchResult]]:
+    """Claim, process every batch, finalize. ``workers`` > 1 (with ``connect``, which opens an autocommit
+    connection for each extra worker) processes that many batches at once, as the DAG's mapped tasks run
+    side by side: one batch computes while another writes, and the rate-limit locks keep the decisions
+    about users they share one at a time."""
     batches: list[Batch] = claiming.claim(conn, request, settings)
-    results = [process_batch(conn, redis_client, b, settings, dry_run=request.dry_run) for b in batches]
+    results = _process(conn, redis_client, batches, settings, dry_run=request.dry_run, workers=workers,
+                       connect=connect)
     summary = finalize(conn, settings, request.claim_id, [r.to_dict() for r in results], dry_run=request.dry_run,
                        digests=digests)
     return summary, results
+
+
+def _process(conn: psycopg.Connection, redis_client: redis.Redis | None, batches: list[Batch], settings: Settings,
+             *, dry_run: bool, workers: int, connect: Callable[[], psycopg.Connection] | None) -> list[BatchResult]:
+    """The batches' results, in claim order (urgent first), ``workers`` batches at a time."""
+    workers = min(workers, len(batches))
+    if workers <= 1 or connect is None:
+        return [process_batch(conn, redis_client, b, settings, dry_run=dry_run) for b in batches]
+    extra = [connect() for _ in range(workers - 1)]
+    idle: queue.SimpleQueue[psycopg.Connection] = queue.SimpleQueue()
+    for c in (conn, *extra):
+        idle.put(c)
+
+    def one(batch: Batch) -> BatchResult:
+        c = idle.get()
+        try:
+            return process_batch(c, redis_client, batch, settings, dry_run=dry_run)
+        finally:
+            idle.put(c)
+
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="herald-batch") as pool:
+            return list(pool.map(one, batches))
+    finally:
+        for c in extra:
+            c.close()

@@ -345,7 +345,13 @@ def _load_recipients(
     fresh_preferences: dict[int, frozenset[str]] = {}
     if missing_users:
         rows = db.run(conn, "user_preferences", {"user_ids": db.int_array(missing_users)})
-        fresh_preferences = {user_id: frozenset(disabled) for user_id, disabled in rows}
+        shared: dict[tuple[str, ...], frozenset[str]] = {}  # most users share one of a few values
+        for user_id, disabled in rows:
+            key = tuple(disabled)
+            value = shared.get(key)
+            if value is None:
+                value = shared[key] = frozenset(disabled)
+            fresh_preferences[user_id] = value
         preferences.update(fresh_preferences)
     cache.store(fresh_favorites, fresh_preferences)
     return favorites, preferences

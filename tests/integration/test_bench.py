@@ -52,7 +52,7 @@ def test_bench_end_to_end_small(tmp_path, bench_database, found_services, capsys
     assert report["reference_sql_statements"] > report["core_sql_statements"]  # per row vs per batch
     assert report["core_redis_commands"] > 0
     assert report["copy_floor_seconds"] > 0 and report["core_seconds"] > 0 and report["reference_seconds"] > 0
-    assert report["core_peak_mb"] > 0
+    assert report["batch_peak_mb"] > 0 and report["claim_peak_mb"] > 0
     assert report["reference_same_notifications"] is True
     assert report["ok"] is True and report["problems"] == []
     assert {"cores", "python", "postgresql", "redis"} <= set(report["machine"])
@@ -72,7 +72,8 @@ def test_bench_end_to_end_small(tmp_path, bench_database, found_services, capsys
     assert w1["core_per_notification_over_w1"] is None
     assert doubled["core_per_notification_over_w1"] == round(
         doubled["core_us_per_notification"] / w1["core_us_per_notification"], 2)
-    assert doubled["core_peak_mb_over_w1"] > 0
+    assert doubled["batch_peak_mb_over_previous_scale"] > 0 and w1["batch_peak_mb_over_previous_scale"] is None
+    assert doubled["copy_per_notification_over_w1"] > 0
     assert doubled["targets"]["redis_max_call_ms"]["met"] is not None
     # The bench restores the server's SLOWLOG settings.
     client = redis.Redis.from_url(found_services.redis_url)

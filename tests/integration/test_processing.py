@@ -321,3 +321,35 @@ def test_cache_counters_expire_like_every_herald_key(pg, redis_client, settings)
     run(pg, redis_client, settings)
     ttl = redis_client.ttl(f"{settings.cache_namespace}:stats:cache_misses")
     assert 6 * 24 * 3600 < ttl <= 7 * 24 * 3600
+
+
+def test_batches_processed_side_by_side_keep_the_limit_and_every_outcome(pg, redis_client, settings, db_url):
+    # Four users favour 10 items; 40 triggers in batches of 20 recipients, three at a time, each on its
+    # own connection (as run_once does for the bench, and as mapped tasks do): every batch decides for
+    # the same users, so only their rate-limit locks keep the limit.
+    from herald import db
+
+    users = [1, 2, 3, 4]
+    f.add_users(pg, users)
+    for item in range(1, 11):
+        f.add_favorites(pg, users, "item", item)
+    triggers = [f.add_trigger(pg, "price_drop", entity=("item", 1 + i % 10),
+                              payload={"item_name": f"i{i}", "old_price": "2", "new_price": "1"})
+                for i in range(40)]
+    opened = []
+
+    def connect():
+        opened.append(db.connect(db_url, autocommit=True))
+        return opened[-1]
+
+    summary, results = pipeline.run_once(pg, redis_client, settings, ClaimRequest("side-by-side", batch_size=20),
+                                         workers=3, connect=connect)
+    assert len(results) == 8 and len(opened) == 2 and all(c.closed for c in opened)
+    assert [r.batch for r in results] == sorted(r.batch for r in results)  # in claim order
+    per_user = dict(pg.execute("SELECT user_id, count(*) FROM notifications GROUP BY 1").fetchall())
+    assert per_user == {u: settings.rate_limit for u in users}
+    outcomes = dict(pg.execute(
+        "SELECT outcome, count(*) FROM trigger_recipient_outcomes GROUP BY 1").fetchall())
+    assert outcomes == {"delivered": 4 * settings.rate_limit, "rate_limited": 4 * (40 - settings.rate_limit)}
+    assert summary.counts["delivered"] == 4 * settings.rate_limit
+    assert all(f.trigger(pg, t)["status"] == "done" for t in triggers)
