@@ -776,10 +776,18 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 class AirflowBench:
-    """A throw-away Airflow (scheduler, dag-processor, api-server; LocalExecutor; PostgreSQL metadata DB)."""
+    """A throw-away Airflow (scheduler, dag-processor, api-server; PostgreSQL metadata DB).
+
+    ``executor="local"``: the LocalExecutor (a triggerer with ``triggerer=True``). ``"celery"``: the
+    processes of ``herald up --executor celery`` (``herald.services.topology``: a triggerer and an urgent
+    and a default Celery worker too, Redis as the broker under a key prefix of the bench's own)."""
 
     def __init__(self, found: services.Services, database: str, *, timeout: float, keep: bool,
-                 extra_env: dict[str, str] | None = None, triggerer: bool = False) -> None:
+                 extra_env: dict[str, str] | None = None, triggerer: bool = False, executor: str = "local") -> None:
+        if executor not in ("local", "celery"):
+            raise BenchError(f"unknown executor {executor!r}: local or celery")
+        self.executor = executor
+        self.celery_prefix = f"herald-bench-{uuid.uuid4().hex[:12]}:celery:"
         self.found = found
         self.extra_env = extra_env or {}
         self.triggerer = triggerer
@@ -823,6 +831,24 @@ class AirflowBench:
                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                             start_new_session=True)
         logfile.close()
+
+    def _start_celery(self, bench_url: str, port: int, base: dict[str, str]) -> None:
+        """The processes of ``herald up --executor celery`` (but the bench's own AIRFLOW_HOME, ports and
+        broker key prefix), each in a process group of its own."""
+        from herald.services import topology
+
+        assert self.home
+        found = services.Services(bench_url, self.found.redis_url, "env", "env")
+        plan = topology.build("celery", found=found, metadata_url=self.meta_url, airflow_home=self.home,
+                              api_port=port, base=base | {"HERALD_CELERY_KEY_PREFIX": self.celery_prefix})
+        self.env = plan.env
+        self._airflow("db", "migrate", timeout=600)
+        for name, slots, description in BENCH_POOLS:
+            self._airflow("pools", "set", name, str(slots), description)
+        for component in plan.components:
+            self._spawn(component.name, *component.argv[1:])
+        for worker in ("worker-urgent", "worker-default"):
+            self._wait(lambda w=worker: " ready." in self._tail(w, 100_000), f"Celery {worker}", 180)
 
     def _check_alive(self) -> None:
         for name, proc in self.procs.items():
@@ -868,15 +894,20 @@ class AirflowBench:
         })
         env.update(self.extra_env)
         self.env = env
-        _progress(f"Airflow: home {self.home}, metadata DB {services.redact_url(meta)} ({scheme}); migrating")
-        self._airflow("db", "migrate", timeout=600)
-        for name, slots, description in BENCH_POOLS:
-            self._airflow("pools", "set", name, str(slots), description)
-        self._spawn("api-server", "api-server", "--host", "127.0.0.1", "--port", str(port))
-        self._spawn("scheduler", "scheduler")
-        self._spawn("dag-processor", "dag-processor")
-        if self.triggerer:
-            self._spawn("triggerer", "triggerer")
+        _progress(f"Airflow ({self.executor}): home {self.home}, metadata DB {services.redact_url(meta)} "
+                  f"({scheme}); migrating")
+        if self.executor == "celery":
+            self._start_celery(bench_url, port, {k: v for k, v in env.items()
+                                                 if k not in ("AIRFLOW__CORE__EXECUTOR",) and "LOG_SERVER" not in k})
+        else:
+            self._airflow("db", "migrate", timeout=600)
+            for name, slots, description in BENCH_POOLS:
+                self._airflow("pools", "set", name, str(slots), description)
+            self._spawn("api-server", "api-server", "--host", "127.0.0.1", "--port", str(port))
+            self._spawn("scheduler", "scheduler")
+            self._spawn("dag-processor", "dag-processor")
+            if self.triggerer:
+                self._spawn("triggerer", "triggerer")
         self._wait(lambda: _http_ok(f"http://127.0.0.1:{port}/api/v2/monitor/health"), "the API server", 180)
         self._wait(self._dag_serialized, f"DAG {DAG_ID} to be parsed", 180)
         _progress(f"Airflow ready in {time.perf_counter() - started:.1f} s")
@@ -968,6 +999,8 @@ class AirflowBench:
         with contextlib.suppress(psycopg.Error):
             if self.meta_url:
                 services.drop_database(self.found.database_url, self.meta_db)
+        if self.executor == "celery" and self.found.redis_url:
+            _delete_namespace(self.found.redis_url, self.celery_prefix.rstrip(":"))
         if self.home:
             shutil.rmtree(self.home, ignore_errors=True)
 

@@ -1,10 +1,11 @@
 """``herald bench --latency``: urgent INSERT to notification, measured under a real scheduler and triggerer.
 
 A throw-away Airflow (the bench's: api-server, scheduler, dag-processor and triggerer, LocalExecutor,
-PostgreSQL metadata DB, default scheduler settings) runs the urgent lane (``notification_urgent``) on a
-fresh W1-shaped database. Urgent triggers are inserted one at a time at random moments; a poller
-records when each one's notification row first appears (every 50 ms). Latency = that moment minus the
-moment the INSERT's commit returned, both on this machine's clock.
+PostgreSQL metadata DB, default scheduler settings; with ``--latency-executor celery`` the processes of
+``herald up --executor celery``, urgent and default Celery workers included) runs the urgent lane
+(``notification_urgent``) on a fresh W1-shaped database. Urgent triggers are inserted one at a time at
+random moments; a poller records when each one's notification row first appears (every 50 ms).
+Latency = that moment minus the moment the INSERT's commit returned, both on this machine's clock.
 
 - **idle**: nothing else runs;
 - **under load**: while ``notification_batch`` works through ``--latency-load-scale`` x W1 normal
@@ -39,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="urgent triggers per phase of --latency (default: %(default)s)")
     parser.add_argument("--latency-load-scale", type=int, default=10, metavar="K",
                         help="the normal run of the loaded phase processes K x W1 (default: %(default)s)")
+    parser.add_argument("--latency-executor", choices=("local", "celery"), default="local",
+                        help="the LocalExecutor, or the Celery topology of `herald up --executor celery` with "
+                             "its urgent and default workers (default: %(default)s)")
 
 
 class _Watch:
@@ -107,7 +111,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             _progress(workload.seed(conn, base.scaled(args.latency_load_scale)))
             db.run(conn, "bench_park_pending_triggers")  # the loaded phase's work, out of the way until then
         airflow = AirflowBench(found, database, timeout=args.dag_timeout, keep=args.keep, triggerer=True,
-                               extra_env={"AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "True"})  # asset runs need it
+                               extra_env={"AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "True"},  # asset runs need it
+                               executor=args.latency_executor)
         watch = _Watch(url, base.scaled(args.latency_load_scale).users, args.seed)
         try:
             airflow.check_ready()
@@ -140,7 +145,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if not args.keep:
                 services.drop_database(found.database_url, database)
     report = {
-        "executor": "LocalExecutor",
+        "executor": {"local": "LocalExecutor", "celery": "CeleryExecutor"}[args.latency_executor],
         "urgent_triggers_idle": len(idle),
         "urgent_triggers_under_load": len(loaded),
         **_figures("urgent_latency", watch.latencies(idle)),
