@@ -50,7 +50,7 @@ from typing import Any
 import psycopg
 import redis
 
-from herald import claiming, db, pipeline, services, workload
+from herald import claiming, db, pipeline, services, verify, workload
 from herald.claiming import ClaimRequest
 from herald.config import DAG_ID, POOL_NORMAL, POOL_URGENT, PROJECT_ROOT, Settings
 from herald.instrument import CountingRedis, SlowestRedisCall, StatementCounter
@@ -420,6 +420,17 @@ class ScaleBench:
             client.close()
         return {"claim_peak_mb": round(claim_peak / 2**20, 1), "batch_peak_mb": round(batch_peak / 2**20, 1)}
 
+    def verify(self, problems: list[str], what: str) -> dict[str, Any]:
+        """``herald verify`` over what ``what`` wrote (every check of the guarantees); a violation is a
+        problem of the bench."""
+        started = time.perf_counter()
+        report = verify.verify(self.admin, Settings())
+        self._progress(f"herald verify after {what}: {'clean' if report.ok else 'VIOLATIONS'} "
+                       f"({time.perf_counter() - started:.1f} s)")
+        if not report.ok:
+            problems.append(f"herald verify after {what}:\n{report.describe()}")
+        return {"ok": report.ok, "counts": report.counts}
+
     def _claimable(self) -> bool:
         return bool(db.run(self.admin, "bench_claimable_triggers").fetchone()[0])
 
@@ -545,6 +556,7 @@ class ScaleBench:
                 self._progress(f"core run {i + 1}/{self.repeat}: {core['seconds']:.3f} s, "
                                f"{core['statements']} SQL statements, {core['redis_commands']:,} Redis commands "
                                f"in {core['redis_round_trips']} round trips")
+            verified = {"core": self.verify(problems, "the core run")}
 
             # 2b. The email deliveries the last core run wrote, to a local SMTP sink on one connection.
             delivery: dict[str, Any] | None = None
@@ -607,6 +619,7 @@ class ScaleBench:
                 elif not dag["same_notifications"]:
                     problems.append(f"the DAG run produced different notifications than the core: "
                                     f"{dag['comparison']['missing']:,} missing, {dag['comparison']['extra']:,} extra")
+                verified["dag"] = self.verify(problems, "the DAG run")
         finally:
             self.admin.close()
 
@@ -646,6 +659,7 @@ class ScaleBench:
             "timings": {"copy_floor_seconds": [round(t, 4) for t in copy_times],
                         "core_seconds": [round(t, 4) for t in core_times],
                         "reference_seconds": [round(t, 4) for t in reference_times]},
+            "verify": verified,
             "problems": problems,
         }
         if comparison and not comparison["same"]:
@@ -743,6 +757,8 @@ def format_report(report: dict[str, Any]) -> str:
         ("email deliveries sent (bench)", lambda r: count(r.get("delivery_messages")), ""),
         ("delivery msgs/s per SMTP connection",
          lambda r: ratio(r.get("delivery_messages_per_second_per_connection")), ""),
+        ("herald verify (core; DAG)", lambda r: "; ".join(
+            "clean" if v["ok"] else "VIOLATIONS" for v in r["verify"].values()), "clean"),
         ("reference = core notifications", lambda r: {None: "-", True: "yes", False: "NO"}[
             r["reference_same_notifications"]], "identical"),
     ]

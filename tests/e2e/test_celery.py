@@ -22,8 +22,8 @@ import psycopg
 import pytest
 import redis
 
-from herald import services
-from herald.config import DAG_ID, POOL_NORMAL
+from herald import services, verify
+from herald.config import DAG_ID, POOL_NORMAL, Settings
 from herald.processes import free_port
 from herald.workload import WorkloadSpec, seed
 from tests import factories as f
@@ -396,6 +396,8 @@ def test_sigkill_of_the_default_worker_mid_batch_loses_and_duplicates_nothing(pg
     assert_exactly_once(pg)
     recipients = scalar(pg, "SELECT sum(recipient_count) FROM notification_triggers")
     assert scalar(pg, "SELECT count(*) FROM trigger_recipient_outcomes") == recipients
+    report = verify.verify(pg, Settings())  # every check of the guarantees: 0 lost, 0 duplicated, ...
+    assert report.ok, report.describe()
     print(f"\nworker killed mid-batch: run succeeded {recovered:.1f}s later")
 
 

@@ -21,6 +21,12 @@ REQUIRED_KEYS = (
 )
 
 
+def w1_verify_ok(report: dict) -> bool:
+    """herald verify ran after the core run, over real rows, and found every check clean."""
+    verified = report["runs"][0]["verify"]["core"]
+    return verified["ok"] is True and set(verified["counts"]) >= {"outcome_count", "over_limit"}
+
+
 def _args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
@@ -54,6 +60,7 @@ def test_bench_end_to_end_small(tmp_path, bench_database, found_services, capsys
     assert report["copy_floor_seconds"] > 0 and report["core_seconds"] > 0 and report["reference_seconds"] > 0
     assert report["batch_peak_mb"] > 0 and report["claim_peak_mb"] > 0
     assert report["reference_same_notifications"] is True
+    assert w1_verify_ok(report)
     assert report["ok"] is True and report["problems"] == []
     assert {"cores", "python", "postgresql", "redis"} <= set(report["machine"])
 
