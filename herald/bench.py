@@ -418,7 +418,7 @@ class ScaleBench:
         finally:
             tracemalloc.stop()
             client.close()
-        return {"claim_peak_mb": round(claim_peak / 2**20, 1), "batch_peak_mb": round(batch_peak / 2**20, 1)}
+        return {"claim_peak_mb": round(claim_peak / 2**20, 3), "batch_peak_mb": round(batch_peak / 2**20, 3)}
 
     def verify(self, problems: list[str], what: str) -> dict[str, Any]:
         """``herald verify`` over what ``what`` wrote (every check of the guarantees); a violation is a
