@@ -420,7 +420,7 @@ class ScaleBench:
             client.close()
         return {"claim_peak_mb": round(claim_peak / 2**20, 3), "batch_peak_mb": round(batch_peak / 2**20, 3)}
 
-    def verify(self, problems: list[str], what: str) -> dict[str, Any]:
+    def check_guarantees(self, problems: list[str], what: str) -> dict[str, Any]:
         """``herald verify`` over what ``what`` wrote (every check of the guarantees); a violation is a
         problem of the bench."""
         started = time.perf_counter()
@@ -556,7 +556,7 @@ class ScaleBench:
                 self._progress(f"core run {i + 1}/{self.repeat}: {core['seconds']:.3f} s, "
                                f"{core['statements']} SQL statements, {core['redis_commands']:,} Redis commands "
                                f"in {core['redis_round_trips']} round trips")
-            verified = {"core": self.verify(problems, "the core run")}
+            verified = {"core": self.check_guarantees(problems, "the core run")}
 
             # 2b. The email deliveries the last core run wrote, to a local SMTP sink on one connection.
             delivery: dict[str, Any] | None = None
@@ -619,7 +619,7 @@ class ScaleBench:
                 elif not dag["same_notifications"]:
                     problems.append(f"the DAG run produced different notifications than the core: "
                                     f"{dag['comparison']['missing']:,} missing, {dag['comparison']['extra']:,} extra")
-                verified["dag"] = self.verify(problems, "the DAG run")
+                verified["dag"] = self.check_guarantees(problems, "the DAG run")
         finally:
             self.admin.close()
 

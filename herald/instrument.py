@@ -104,7 +104,8 @@ class SlowestRedisCall:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        if not self.saved:
+        if not self.saved:  # CONFIG was refused on entry: nothing to read or restore
+            self.admin.close()
             return
         try:
             entries = self.admin.slowlog_get(self.max_len)

@@ -103,7 +103,10 @@ def run_once(
 
 def _process(conn: psycopg.Connection, redis_client: redis.Redis | None, batches: list[Batch], settings: Settings,
              *, dry_run: bool, workers: int, connect: Callable[[], psycopg.Connection] | None) -> list[BatchResult]:
-    """The batches' results, in claim order (urgent first), ``workers`` batches at a time."""
+    """The batches' results, in claim order (urgent first), ``workers`` batches at a time.
+
+    Side by side, a batch that raises does not stop the others (as with mapped tasks): they all end,
+    then the first error is raised. One at a time, the run stops at the failing batch."""
     workers = min(workers, len(batches))
     if workers <= 1 or connect is None:
         return [process_batch(conn, redis_client, b, settings, dry_run=dry_run) for b in batches]

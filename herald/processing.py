@@ -41,7 +41,7 @@ from herald import db
 from herald.cache import Entity, RecipientCache
 from herald.claiming import Batch
 from herald.config import Settings
-from herald.ratelimit import RateState, lock_users, rate_state
+from herald.ratelimit import Candidate, RateState, counts_decide, lock_users, rate_state
 from herald.templates import RenderError, Template
 
 log = logging.getLogger(__name__)
@@ -263,24 +263,23 @@ def _decide(plan: _Plan, cand_triggers: list[int], cand_users: list[int], urgent
     """The rate-limit rule (``ratelimit.counts_decide``) over the candidates, in order, into the plan.
 
     Only users the rate state names (owed a digest, or with window + candidates over the limit) can have
-    anything held back; everyone else's candidates all go out, without a per-candidate decision.
+    anything held back, so only their candidates go through the rule; everyone else's all go out.
     """
     attention = state.recent.keys() | state.held
-    if not attention:
+    looked = [i for i, u in enumerate(cand_users) if u in attention] if attention else []
+    allowed = counts_decide([Candidate(cand_users[i], cand_triggers[i] in urgent_triggers) for i in looked],
+                            state.recent, limit, state.held)
+    held = {i for i, ok in zip(looked, allowed, strict=True) if not ok}
+    if not held:
         plan.notif_triggers.extend(cand_triggers)
         plan.notif_users.extend(cand_users)
         return
-    used = dict(state.recent)
-    holding = set(state.held)
-    for trigger_id, user_id in zip(cand_triggers, cand_users, strict=True):
-        if user_id in attention:
-            if trigger_id not in urgent_triggers and (user_id in holding or used.get(user_id, 0) >= limit):
-                holding.add(user_id)
-                plan.outcome(trigger_id, user_id, RATE_LIMITED)
-                continue
-            used[user_id] = used.get(user_id, 0) + 1
-        plan.notif_triggers.append(trigger_id)
-        plan.notif_users.append(user_id)
+    for i, (trigger_id, user_id) in enumerate(zip(cand_triggers, cand_users, strict=True)):
+        if i in held:
+            plan.outcome(trigger_id, user_id, RATE_LIMITED)
+        else:
+            plan.notif_triggers.append(trigger_id)
+            plan.notif_users.append(user_id)
 
 
 def _decode(rows: list[tuple]) -> tuple[list[_Trigger], dict[str, Template], dict[int, str]]:
