@@ -142,9 +142,11 @@ def test_sigkill_of_herald_up_leaves_nothing_running(tmp_path: Path, components)
     try:
         wait_for(lambda: len(component_pids(state)) == 3 and listening(port), 30, "the components")
         # tree: component, child, grandchild (own session, renamed) + listener + stubborn + supervisor + driver
-        wait_for(lambda: len(tree_of(driver.pid)) >= 7, 30, "the grandchild")
+        # (by its new name: it renames itself after it starts, so counting the tree is not enough)
+        renamed = lambda: [p for p in tree_of(driver.pid) if p.name().startswith("herald-test")]  # noqa: E731
+        wait_for(lambda: len(tree_of(driver.pid)) >= 7 and renamed(), 30, "the renamed grandchild")
         procs = snapshot(driver)
-        grandchild = [p for p in tree_of(driver.pid) if p.name().startswith("herald-test")]
+        grandchild = renamed()
         assert grandchild and os.getsid(grandchild[0].pid) != os.getsid(started["supervisor"])
         driver.kill()
         driver.wait(10)
